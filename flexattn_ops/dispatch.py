@@ -1,0 +1,95 @@
+"""The one place that chooses a backend.
+
+`FLEXATTN_BACKEND=auto|cuda|triton|reference` (read at each call, default `auto`). `auto` takes
+the first backend in `BACKENDS` that can run the inputs; a backend asked for by name that
+cannot run them raises, saying why. `explain` reports the choice and every other backend's reason.
+
+| backend   | module                         | runs on                                        |
+| --------- | ------------------------------ | ---------------------------------------------- |
+| cuda      | `flexattn_ops._C` (csrc/)      | SM80 / SM90 GPUs, once the extension is built  |
+| triton    | `flexattn_ops.triton_backend`  | CUDA GPUs; CPU tensors under TRITON_INTERPRET=1 |
+| reference | `flexattn_ops.reference`       | any device (the CPU implementation)            |
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Optional
+
+from torch import Tensor
+
+from flexattn_ops.params import AttnArgs
+
+BACKEND_ENV = "FLEXATTN_BACKEND"
+# `auto` tries them in this order: compiled kernels first. It never picks the Triton interpreter
+# for CPU tensors (it runs ~1000x slower than the reference backend there).
+BACKENDS = ("cuda", "triton", "reference")
+
+
+@dataclass
+class BackendChoice:
+    """`selected` runs the call; `reasons[name]` says why each other backend would not (None: it could)."""
+
+    selected: str
+    requested: str
+    reasons: dict[str, Optional[str]] = field(default_factory=dict)
+
+
+def requested_backend() -> str:
+    name = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}: expected one of auto, {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+@functools.cache
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"flexattn_ops.{name}_backend" if name != "reference" else "flexattn_ops.reference")
+
+
+def why_not(name: str, op: str, q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> Optional[str]:
+    """None if backend `name` can run `op` on these inputs, else the reason it cannot."""
+    if name == "reference":
+        return None
+    if name == "cuda":
+        if not _installed("flexattn_ops._C"):
+            return "the CUDA extension flexattn_ops._C is not built (no SM80/SM90 kernels in this install)"
+        return _module("cuda").unsupported(op, q, k, v, a)
+    if name == "triton":
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        if q.device.type != "cuda" and not (q.device.type == "cpu" and interpret):
+            return f"Triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {q.device.type}"
+        if not _installed("triton"):
+            return "triton is not installed"
+        return _module("triton").unsupported(op, q, k, v, a)
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def explain(op: str, q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> BackendChoice:
+    """Which backend runs `op` for these inputs, and why each of the others does not."""
+    requested = requested_backend()
+    reasons = {name: why_not(name, op, q, k, v, a) for name in BACKENDS}
+    if requested != "auto":
+        if reasons[requested] is not None:
+            raise RuntimeError(f"{BACKEND_ENV}={requested} cannot run {op}: {reasons[requested]}")
+        return BackendChoice(requested, requested, reasons)
+    for name in BACKENDS:
+        if name == "triton" and q.device.type == "cpu":
+            reasons[name] = reasons[name] or "auto keeps CPU tensors on the reference backend"
+        if reasons[name] is None:
+            return BackendChoice(name, requested, reasons)
+    raise AssertionError("the reference backend runs everything")
+
+
+def select(op: str, q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> ModuleType:
+    """The backend module that runs `op` (it has a function named `op`)."""
+    return _module(explain(op, q, k, v, a).selected)

@@ -1,0 +1,184 @@
+"""The public API: flash-attn 2.8's functions (same names, argument order, defaults, returns),
+plus the extensions of SPEC section 2 as keyword-only arguments.
+
+Each function turns its arguments into an `AttnArgs`, makes q/k/v last-dim contiguous and calls
+`torch.ops.flexattn.fwd` (whose autograd calls `torch.ops.flexattn.bwd`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from flexattn_ops import dispatch
+from flexattn_ops.params import AttnArgs
+
+AttnOutput = Union[Tensor, tuple[Tensor, Tensor, Tensor]]
+
+
+def _last_dim_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _attn_args(q: Tensor, dropout_p: float, softmax_scale: Optional[float], causal: bool,
+               window_size: Sequence[int], softcap: float, alibi_slopes: Optional[Tensor], deterministic: bool,
+               attn_bias: Optional[Tensor], sinks: Optional[Tensor], cu_seqlens_q: Optional[Tensor] = None,
+               cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+               seqused_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None) -> AttnArgs:
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size: expected a pair (left, right) of ints, got {window_size!r}")
+    window_left, window_right = int(window_size[0]), int(window_size[1])
+    if causal:
+        window_right = 0
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    rng_state = None
+    if dropout_p > 0.0:
+        rng_state = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64, device=q.device)
+    return AttnArgs(cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, max_seqlen_q, max_seqlen_k,
+                    float(softmax_scale), window_left, window_right, float(softcap), alibi_slopes, attn_bias,
+                    sinks, float(dropout_p), rng_state, bool(deterministic))
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs, return_attn_probs: bool) -> AttnOutput:
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    out, lse = torch.ops.flexattn.fwd(q, k, v, *a)
+    if not return_attn_probs:
+        return out
+    return out, lse, torch.ops.flexattn.probs(q, k, v, *a)
+
+
+def flash_attn_func(
+    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
+    *, attn_bias: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+) -> AttnOutput:
+    """Attention over dense batches.
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim_qk).
+        k: (batch, seqlen_k, nheads_k, headdim_qk); nheads % nheads_k == 0.
+        v: (batch, seqlen_k, nheads_v, headdim_v); nheads % nheads_v == 0 (may differ from nheads_k).
+        dropout_p: dropout probability (pass 0.0 in evaluation).
+        softmax_scale: defaults to 1 / sqrt(headdim_qk).
+        causal: bottom-right aligned causal mask.
+        window_size: (left, right) sliding window, -1 = unbounded.
+        softcap: if > 0, scores become softcap * tanh(scores / softcap).
+        alibi_slopes: (nheads,) or (batch, nheads) float32; adds -slope * |i + sk - sq - j|.
+        deterministic: bitwise-reproducible backward.
+        return_attn_probs: also return softmax_lse and the probabilities (testing only).
+        attn_bias: additive bias broadcastable to (batch, nheads, seqlen_q, seqlen_k); differentiable.
+        sinks: (nheads,) learnable per-head logits added to each softmax denominator; differentiable.
+
+    Returns:
+        out (batch, seqlen_q, nheads, headdim_v); with return_attn_probs also softmax_lse
+        (batch, nheads, seqlen_q) float32 and probs (batch, nheads, seqlen_q, seqlen_k), dropped
+        entries negated.
+    """
+    a = _attn_args(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                   attn_bias, sinks)
+    return _attention(q, k, v, a, return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(
+    qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
+    window_size: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False,
+    *, attn_bias: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+) -> AttnOutput:
+    """`flash_attn_func` with qkv packed as (batch, seqlen, 3, nheads, headdim)."""
+    _check_packed("qkv", qkv, 5, 3)
+    q, k, v = qkv.unbind(dim=2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, attn_bias=attn_bias, sinks=sinks)
+
+
+def flash_attn_kvpacked_func(
+    q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
+    window_size: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False,
+    *, attn_bias: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+) -> AttnOutput:
+    """`flash_attn_func` with q (batch, seqlen_q, nheads, headdim) and kv (batch, seqlen_k, 2, nheads_k, headdim)."""
+    _check_packed("kv", kv, 5, 2)
+    k, v = kv.unbind(dim=2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs, attn_bias=attn_bias, sinks=sinks)
+
+
+def flash_attn_varlen_func(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
+    window_size: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False, block_table: Optional[Tensor] = None,
+    *, seqused_k: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+) -> AttnOutput:
+    """Attention over packed variable-length sequences.
+
+    Args:
+        q: (total_q, nheads, headdim_qk), sequences back to back.
+        k, v: (total_k, nheads_k|nheads_v, headdim), or with `block_table` paged
+            (num_blocks, page_size, nheads_k|nheads_v, headdim) with any page size.
+        cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 cumulative lengths starting at 0.
+        max_seqlen_q, max_seqlen_k: Python ints, the longest sequence lengths.
+        block_table: (batch, max_blocks) int32 page indices of each sequence's keys.
+        seqused_k: (batch,) int32, the number of keys each sequence uses (<= its length).
+        Other arguments as `flash_attn_func`; causal and windows are per sequence, bottom-right.
+
+    Returns:
+        out (total_q, nheads, headdim_v); with return_attn_probs also softmax_lse (nheads, total_q).
+    """
+    a = _attn_args(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                   None, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table)
+    return _attention(q, k, v, a, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> AttnOutput:
+    """`flash_attn_varlen_func` with qkv packed as (total, 3, nheads, headdim)."""
+    _check_packed("qkv", qkv, 4, 3)
+    q, k, v = qkv.unbind(dim=1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(
+    q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
+    window_size: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False, return_attn_probs: bool = False,
+) -> AttnOutput:
+    """`flash_attn_varlen_func` with kv packed as (total_k, 2, nheads_k, headdim)."""
+    _check_packed("kv", kv, 4, 2)
+    k, v = kv.unbind(dim=1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def _check_packed(name: str, t: Tensor, rank: int, count: int) -> None:
+    axis = rank - 3
+    if t.dim() != rank or t.shape[axis] != count:
+        raise ValueError(f"{name}: expected a {rank}-d tensor with {count} at dim {axis}, got shape {tuple(t.shape)}")
+
+
+def explain_backend(
+    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+    causal: bool = False, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+    *, attn_bias: Optional[Tensor] = None, sinks: Optional[Tensor] = None, op: str = "fwd",
+) -> dispatch.BackendChoice:
+    """Which backend `flash_attn_func` (op "fwd", or "bwd" for its backward) would use for these
+    inputs under the current FLEXATTN_BACKEND, and why each other backend would not."""
+    a = _attn_args(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                   attn_bias, sinks)
+    return dispatch.explain(op, q, k, v, a)

@@ -1,0 +1,56 @@
+"""The attention arguments every op shares, defined once.
+
+`fwd`, `bwd` and `probs` take ``q, k, v`` (and `bwd` some tensors before them) followed by the
+same attention arguments. The schema string and the `AttnArgs` tuple below are the single
+definition of those arguments; `ops.py` builds each op's schema from `ATTN_SCHEMA`, and every
+backend, fake and validator reads them through `AttnArgs`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+from torch import Tensor
+
+ATTN_SCHEMA = (
+    "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_k, Tensor? block_table, "
+    "SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, int window_left, "
+    "int window_right, float softcap, Tensor? alibi_slopes, Tensor? attn_bias, Tensor? sinks, "
+    "float dropout_p, Tensor? rng_state, bool deterministic"
+)
+
+
+class AttnArgs(NamedTuple):
+    """Everything but the tensors attended over. Field order is the schema's order.
+
+    Dense inputs: ``q (b, sq, hq, dqk)``, ``k (b, sk, hk, dqk)``, ``v (b, sk, hv, dv)``.
+    Varlen inputs (``cu_seqlens_q`` given): ``q (total_q, hq, dqk)``, ``k/v (total_k, h, d)``, or,
+    with ``block_table (b, max_blocks)``, paged ``k/v (num_blocks, page_size, h, d)``.
+    ``window_right == 0`` with ``window_left == -1`` is causal; -1 means unbounded.
+    ``rng_state`` is an int64 ``(2,)`` tensor ``[seed, offset]`` when ``dropout_p > 0``.
+    """
+
+    cu_seqlens_q: Optional[Tensor] = None
+    cu_seqlens_k: Optional[Tensor] = None
+    seqused_k: Optional[Tensor] = None
+    block_table: Optional[Tensor] = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    softmax_scale: float = 1.0
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    alibi_slopes: Optional[Tensor] = None
+    attn_bias: Optional[Tensor] = None
+    sinks: Optional[Tensor] = None
+    dropout_p: float = 0.0
+    rng_state: Optional[Tensor] = None
+    deterministic: bool = False
+
+    @property
+    def is_varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    @property
+    def is_causal(self) -> bool:
+        return self.window_left < 0 and self.window_right == 0
