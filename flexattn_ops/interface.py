@@ -8,7 +8,8 @@ Each function turns its arguments into an `AttnArgs`, makes q/k/v last-dim conti
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -23,11 +24,24 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _attn_args(q: Tensor, dropout_p: float, softmax_scale: Optional[float], causal: bool,
-               window_size: Sequence[int], softcap: float, alibi_slopes: Optional[Tensor], deterministic: bool,
-               attn_bias: Optional[Tensor], sinks: Optional[Tensor], cu_seqlens_q: Optional[Tensor] = None,
-               cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-               seqused_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None) -> AttnArgs:
+def _attn_args(
+    q: Tensor,
+    dropout_p: float,
+    softmax_scale: Optional[float],
+    causal: bool,
+    window_size: Sequence[int],
+    softcap: float,
+    alibi_slopes: Optional[Tensor],
+    deterministic: bool,
+    attn_bias: Optional[Tensor],
+    sinks: Optional[Tensor],
+    cu_seqlens_q: Optional[Tensor] = None,
+    cu_seqlens_k: Optional[Tensor] = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
+    seqused_k: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
+) -> AttnArgs:
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise TypeError(f"window_size: expected a pair (left, right) of ints, got {window_size!r}")
     window_left, window_right = int(window_size[0]), int(window_size[1])
@@ -38,9 +52,24 @@ def _attn_args(q: Tensor, dropout_p: float, softmax_scale: Optional[float], caus
     rng_state = None
     if dropout_p > 0.0:
         rng_state = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64, device=q.device)
-    return AttnArgs(cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, max_seqlen_q, max_seqlen_k,
-                    float(softmax_scale), window_left, window_right, float(softcap), alibi_slopes, attn_bias,
-                    sinks, float(dropout_p), rng_state, bool(deterministic))
+    return AttnArgs(
+        cu_seqlens_q,
+        cu_seqlens_k,
+        seqused_k,
+        block_table,
+        max_seqlen_q,
+        max_seqlen_k,
+        float(softmax_scale),
+        window_left,
+        window_right,
+        float(softcap),
+        alibi_slopes,
+        attn_bias,
+        sinks,
+        float(dropout_p),
+        rng_state,
+        bool(deterministic),
+    )
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs, return_attn_probs: bool) -> AttnOutput:
@@ -52,10 +81,20 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs, return_attn_probs: 
 
 
 def flash_attn_func(
-    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
-    causal: bool = False, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
-    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False,
-    *, attn_bias: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    attn_bias: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ) -> AttnOutput:
     """Attention over dense batches.
 
@@ -79,43 +118,101 @@ def flash_attn_func(
         (batch, nheads, seqlen_q) float32 and probs (batch, nheads, seqlen_q, seqlen_k), dropped
         entries negated.
     """
-    a = _attn_args(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                   attn_bias, sinks)
+    a = _attn_args(
+        q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, attn_bias, sinks
+    )
     return _attention(q, k, v, a, return_attn_probs)
 
 
 def flash_attn_qkvpacked_func(
-    qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
-    window_size: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
-    deterministic: bool = False, return_attn_probs: bool = False,
-    *, attn_bias: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+    qkv: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    attn_bias: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ) -> AttnOutput:
     """`flash_attn_func` with qkv packed as (batch, seqlen, 3, nheads, headdim)."""
     _check_packed("qkv", qkv, 5, 3)
     q, k, v = qkv.unbind(dim=2)
-    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs, attn_bias=attn_bias, sinks=sinks)
+    return flash_attn_func(
+        q,
+        k,
+        v,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+        attn_bias=attn_bias,
+        sinks=sinks,
+    )
 
 
 def flash_attn_kvpacked_func(
-    q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
-    window_size: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
-    deterministic: bool = False, return_attn_probs: bool = False,
-    *, attn_bias: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+    q: Tensor,
+    kv: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    attn_bias: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ) -> AttnOutput:
     """`flash_attn_func` with q (batch, seqlen_q, nheads, headdim) and kv (batch, seqlen_k, 2, nheads_k, headdim)."""
     _check_packed("kv", kv, 5, 2)
     k, v = kv.unbind(dim=2)
-    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs, attn_bias=attn_bias, sinks=sinks)
+    return flash_attn_func(
+        q,
+        k,
+        v,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+        attn_bias=attn_bias,
+        sinks=sinks,
+    )
 
 
 def flash_attn_varlen_func(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
-    max_seqlen_k: int, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
-    window_size: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
-    deterministic: bool = False, return_attn_probs: bool = False, block_table: Optional[Tensor] = None,
-    *, seqused_k: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: Optional[Tensor] = None,
+    *,
+    seqused_k: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ) -> AttnOutput:
     """Attention over packed variable-length sequences.
 
@@ -132,37 +229,98 @@ def flash_attn_varlen_func(
     Returns:
         out (total_q, nheads, headdim_v); with return_attn_probs also softmax_lse (nheads, total_q).
     """
-    a = _attn_args(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                   None, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table)
+    a = _attn_args(
+        q,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        None,
+        sinks,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        seqused_k,
+        block_table,
+    )
     return _attention(q, k, v, a, return_attn_probs)
 
 
 def flash_attn_varlen_qkvpacked_func(
-    qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
-    softmax_scale: Optional[float] = None, causal: bool = False, window_size: Sequence[int] = (-1, -1),
-    softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+    qkv: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False,
     return_attn_probs: bool = False,
 ) -> AttnOutput:
     """`flash_attn_varlen_func` with qkv packed as (total, 3, nheads, headdim)."""
     _check_packed("qkv", qkv, 4, 3)
     q, k, v = qkv.unbind(dim=1)
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
-                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                  return_attn_probs)
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+    )
 
 
 def flash_attn_varlen_kvpacked_func(
-    q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-    dropout_p: float = 0.0, softmax_scale: Optional[float] = None, causal: bool = False,
-    window_size: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
-    deterministic: bool = False, return_attn_probs: bool = False,
+    q: Tensor,
+    kv: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
 ) -> AttnOutput:
     """`flash_attn_varlen_func` with kv packed as (total_k, 2, nheads_k, headdim)."""
     _check_packed("kv", kv, 4, 2)
     k, v = kv.unbind(dim=1)
-    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                  return_attn_probs)
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+    )
 
 
 def _check_packed(name: str, t: Tensor, rank: int, count: int) -> None:
@@ -172,13 +330,24 @@ def _check_packed(name: str, t: Tensor, rank: int, count: int) -> None:
 
 
 def explain_backend(
-    q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
-    causal: bool = False, window_size: Sequence[int] = (-1, -1), softcap: float = 0.0,
-    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
-    *, attn_bias: Optional[Tensor] = None, sinks: Optional[Tensor] = None, op: str = "fwd",
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False,
+    *,
+    attn_bias: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
+    op: str = "fwd",
 ) -> dispatch.BackendChoice:
     """Which backend `flash_attn_func` (op "fwd", or "bwd" for its backward) would use for these
     inputs under the current FLEXATTN_BACKEND, and why each other backend would not."""
-    a = _attn_args(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                   attn_bias, sinks)
+    a = _attn_args(
+        q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, attn_bias, sinks
+    )
     return dispatch.explain(op, q, k, v, a)

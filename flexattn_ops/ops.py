@@ -16,15 +16,19 @@ from flexattn_ops.meta import bwd_fake, fwd_fake, probs_fake
 from flexattn_ops.params import ATTN_SCHEMA, AttnArgs
 from flexattn_ops.validation import check_attention, check_backward
 
-_TENSOR_FIELDS = [i for i, f in enumerate(AttnArgs._fields)
-                  if f in ("cu_seqlens_q", "cu_seqlens_k", "seqused_k", "block_table", "alibi_slopes",
-                           "attn_bias", "sinks", "rng_state")]
+_TENSOR_FIELDS = [
+    i
+    for i, f in enumerate(AttnArgs._fields)
+    if f
+    in ("cu_seqlens_q", "cu_seqlens_k", "seqused_k", "block_table", "alibi_slopes", "attn_bias", "sinks", "rng_state")
+]
 _BIAS = AttnArgs._fields.index("attn_bias")
 _SINKS = AttnArgs._fields.index("sinks")
 
 
-@custom_op("flexattn::fwd", mutates_args=(),
-           schema=f"(Tensor q, Tensor k, Tensor v, {ATTN_SCHEMA}) -> (Tensor, Tensor)")
+@custom_op(
+    "flexattn::fwd", mutates_args=(), schema=f"(Tensor q, Tensor k, Tensor v, {ATTN_SCHEMA}) -> (Tensor, Tensor)"
+)
 def fwd(q: Tensor, k: Tensor, v: Tensor, *args) -> tuple[Tensor, Tensor]:
     """Attention forward: returns (out, softmax_lse). Shapes in `AttnArgs`."""
     a = AttnArgs(*args)
@@ -32,9 +36,12 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, *args) -> tuple[Tensor, Tensor]:
     return dispatch.select("fwd", q, k, v, a).fwd(q, k, v, a)
 
 
-@custom_op("flexattn::bwd", mutates_args=(),
-           schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, {ATTN_SCHEMA}, "
-                  "bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+@custom_op(
+    "flexattn::bwd",
+    mutates_args=(),
+    schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, {ATTN_SCHEMA}, "
+    "bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
 def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *args):
     """Attention backward from any (out, softmax_lse): returns (dq, dk, dv, dbias, dsink).
 
@@ -45,14 +52,12 @@ def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     a = AttnArgs(*attn)
     check_attention(q, k, v, a)
     check_backward(dout, q, v, out, lse, a)
-    dq, dk, dv, dbias, dsink = dispatch.select("bwd", q, k, v, a).bwd(dout, q, k, v, out, lse, a,
-                                                                     bias_requires_grad)
+    dq, dk, dv, dbias, dsink = dispatch.select("bwd", q, k, v, a).bwd(dout, q, k, v, out, lse, a, bias_requires_grad)
     empty = q.new_empty(0)
     return dq, dk, dv, empty if dbias is None else dbias, empty if dsink is None else dsink
 
 
-@custom_op("flexattn::probs", mutates_args=(),
-           schema=f"(Tensor q, Tensor k, Tensor v, {ATTN_SCHEMA}) -> Tensor")
+@custom_op("flexattn::probs", mutates_args=(), schema=f"(Tensor q, Tensor k, Tensor v, {ATTN_SCHEMA}) -> Tensor")
 def probs(q: Tensor, k: Tensor, v: Tensor, *args) -> Tensor:
     """Softmax probabilities (b, hq, sq, sk) float32, entries dropped by dropout negated (testing aid)."""
     a = AttnArgs(*args)
@@ -78,11 +83,12 @@ def _fwd_setup_context(ctx, inputs, output) -> None:
 def _fwd_backward(ctx, dout: Tensor, _dlse: Tensor):
     q, k, v, out, lse, *tensor_args = ctx.saved_tensors
     args = list(ctx.attn)
-    for i, t in zip(_TENSOR_FIELDS, tensor_args):
+    for i, t in zip(_TENSOR_FIELDS, tensor_args, strict=True):
         args[i] = t
     bias_requires_grad = ctx.needs_input_grad[3 + _BIAS]
     dq, dk, dv, dbias, dsink = torch.ops.flexattn.bwd(
-        dout if dout.stride(-1) == 1 else dout.contiguous(), q, k, v, out, lse, *args, bias_requires_grad)
+        dout if dout.stride(-1) == 1 else dout.contiguous(), q, k, v, out, lse, *args, bias_requires_grad
+    )
     grads: list = [None] * len(args)
     if bias_requires_grad:
         grads[_BIAS] = dbias

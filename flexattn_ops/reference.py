@@ -48,8 +48,15 @@ def dense_index(b: int, sq: int, sk: int, device: torch.device) -> RowIndex:
     ar_q = torch.arange(sq, device=device).expand(b, sq)
     ar_k = torch.arange(sk, device=device).expand(b, sk)
     seq = torch.arange(b, device=device)[:, None]
-    return RowIndex(seq.expand(b, sq), ar_q, ar_q + (sk - sq), seq.expand(b, sk), ar_k,
-                    torch.ones(b, sk, dtype=torch.bool, device=device), False)
+    return RowIndex(
+        seq.expand(b, sq),
+        ar_q,
+        ar_q + (sk - sq),
+        seq.expand(b, sk),
+        ar_k,
+        torch.ones(b, sk, dtype=torch.bool, device=device),
+        False,
+    )
 
 
 def _segments(cu: Tensor, total: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -80,8 +87,7 @@ def varlen_index(a: AttnArgs, total_q: int, keys_per_seq: Optional[int], total_k
     valid_k = valid_k & (pos_k < len_k[seq_k])
     aligned_q = pos_q + (len_k - len_q)[seq_q]
     seq_q = torch.where(valid_q, seq_q, -1)
-    return RowIndex(seq_q[None], pos_q[None], aligned_q[None], seq_k[None], pos_k[None],
-                    valid_k[None], True)
+    return RowIndex(seq_q[None], pos_q[None], aligned_q[None], seq_k[None], pos_k[None], valid_k[None], True)
 
 
 def _mask(idx: RowIndex, rows: slice, a: AttnArgs) -> Tensor:
@@ -184,8 +190,9 @@ def _sink_logits(a: AttnArgs) -> Optional[Tensor]:
     return None if a.sinks is None else a.sinks.float()[None, :, None]
 
 
-def _forward_core(q: Tensor, k: Tensor, v: Tensor, idx: RowIndex, a: AttnArgs, bias: Optional[Tensor],
-                  want_probs: bool = False):
+def _forward_core(
+    q: Tensor, k: Tensor, v: Tensor, idx: RowIndex, a: AttnArgs, bias: Optional[Tensor], want_probs: bool = False
+):
     """q (B, Sq, Hq, D), k (B, Sk, Hk, D), v (B, Sk, Hv, Dv) -> out (B, Sq, Hq, Dv) f32,
     lse (B, Hq, Sq), and probs (B, Hq, Sq, Sk) with dropped entries negated if asked."""
     bsz, sq, hq, _ = q.shape
@@ -216,8 +223,18 @@ def _forward_core(q: Tensor, k: Tensor, v: Tensor, idx: RowIndex, a: AttnArgs, b
     return out.transpose(1, 2), lse, probs
 
 
-def _backward_core(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, idx: RowIndex,
-                   a: AttnArgs, bias: Optional[Tensor], want_dbias: bool):
+def _backward_core(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    idx: RowIndex,
+    a: AttnArgs,
+    bias: Optional[Tensor],
+    want_dbias: bool,
+):
     """Gradients for `_forward_core`'s layout: dq (B, Sq, Hq, D), dk, dv (B, Sk, Hk|Hv, D) float32,
     dbias (B, Hq, Sq, Sk)-broadcast-reduced to bias's shape or None, dsink (Hq,) or None."""
     bsz, sq, hq, _ = q.shape
@@ -252,8 +269,7 @@ def _backward_core(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
             ds = ds * (1.0 - tanh * tanh)
         dq[:, :, rows] = torch.matmul(ds, kx) * a.softmax_scale
         dkx += torch.matmul(ds.transpose(-1, -2), qx[:, :, rows]) * a.softmax_scale
-    return (dq.transpose(1, 2), _reduce_heads(dkx, k.shape[2]), _reduce_heads(dvx, v.shape[2]),
-            dbias, dsink)
+    return (dq.transpose(1, 2), _reduce_heads(dkx, k.shape[2]), _reduce_heads(dvx, v.shape[2]), dbias, dsink)
 
 
 def _accumulate_bias_grad(dbias: Tensor, ds: Tensor, rows: slice) -> None:
@@ -306,22 +322,23 @@ def probs(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> Tensor:
     return p
 
 
-def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, a: AttnArgs,
-        want_dbias: bool) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+def bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, a: AttnArgs, want_dbias: bool
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """The `flexattn::bwd` op on this backend: dq, dk, dv in the dtypes of q, k, v; dbias in the
     shape of attn_bias (None unless asked); dsink (hq,) or None."""
     if a.is_varlen:
         kb, vb, per_seq = _varlen_keys(k, v, a)
         idx = _index_for(q, kb, a, per_seq)
-        dq, dk, dv, _, dsink = _backward_core(dout[None], q[None], kb, vb, out[None], lse[None], idx, a,
-                                              None, False)
+        dq, dk, dv, _, dsink = _backward_core(dout[None], q[None], kb, vb, out[None], lse[None], idx, a, None, False)
         dq, dk, dv = dq[0], dk[0], dv[0]
         if a.block_table is not None:
             dk, dv = _scatter_pages(dk, k, a.block_table), _scatter_pages(dv, v, a.block_table)
     else:
         bias = _bias4(a)
-        dq, dk, dv, dbias4, dsink = _backward_core(dout, q, k, v, out, lse, _index_for(q, k, a, None), a,
-                                                   bias, want_dbias)
+        dq, dk, dv, dbias4, dsink = _backward_core(
+            dout, q, k, v, out, lse, _index_for(q, k, a, None), a, bias, want_dbias
+        )
         if dbias4 is not None:
             assert a.attn_bias is not None
             dbias = dbias4.reshape(a.attn_bias.shape).to(a.attn_bias.dtype)

@@ -9,17 +9,28 @@ float64 oracle must be at most 2x that baseline's error plus a small atol (`asse
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 
 def attention_ref(
-    q: Tensor, k: Tensor, v: Tensor, *, softmax_scale: Optional[float] = None, causal: bool = False,
-    window_size: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
-    attn_bias: Optional[Tensor] = None, sinks: Optional[Tensor] = None, dropout_p: float = 0.0,
-    dropout_keep: Optional[Tensor] = None, key_valid: Optional[Tensor] = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    attn_bias: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_keep: Optional[Tensor] = None,
+    key_valid: Optional[Tensor] = None,
     compute_dtype: torch.dtype = torch.float64,
 ) -> tuple[Tensor, Tensor]:
     """SPEC section 4, literally. q (b, sq, hq, d), k (b, sk, hk, d), v (b, sk, hv, dv).
@@ -72,8 +83,9 @@ def attention_ref(
     return out, lse
 
 
-def assert_close_to_oracle(name: str, ours: Tensor, oracle: Tensor, baseline: Tensor, atol: float = 1e-5,
-                           factor: float = 2.0) -> None:
+def assert_close_to_oracle(
+    name: str, ours: Tensor, oracle: Tensor, baseline: Tensor, atol: float = 1e-5, factor: float = 2.0
+) -> None:
     """Our max error vs the float64 oracle <= factor x the low-precision baseline's + atol; no NaN."""
     assert ours.shape == oracle.shape, f"{name}: shape {tuple(ours.shape)} != oracle {tuple(oracle.shape)}"
     assert not torch.isnan(ours).any(), f"{name}: NaN in output"

@@ -7,7 +7,8 @@ synchronisation. Each error names the argument, what was expected and what was g
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -64,15 +65,26 @@ def check_attention(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> None:
         if t.dtype != q.dtype:
             _fail(name, f"the dtype of q ({q.dtype})", t.dtype, TypeError)
     check_same_device(
-        q, k=k, v=v, cu_seqlens_q=a.cu_seqlens_q, cu_seqlens_k=a.cu_seqlens_k,
-        seqused_k=a.seqused_k, block_table=a.block_table, alibi_slopes=a.alibi_slopes,
-        attn_bias=a.attn_bias, sinks=a.sinks, rng_state=a.rng_state,
+        q,
+        k=k,
+        v=v,
+        cu_seqlens_q=a.cu_seqlens_q,
+        cu_seqlens_k=a.cu_seqlens_k,
+        seqused_k=a.seqused_k,
+        block_table=a.block_table,
+        alibi_slopes=a.alibi_slopes,
+        attn_bias=a.attn_bias,
+        sinks=a.sinks,
+        rng_state=a.rng_state,
     )
     paged = a.block_table is not None
     if a.is_varlen:
         check_rank("q", q, 3, "(total_q, nheads, headdim) for varlen")
-        kv_rank, kv_layout = (4, "(num_blocks, page_size, nheads, headdim) for a paged cache") if paged \
+        kv_rank, kv_layout = (
+            (4, "(num_blocks, page_size, nheads, headdim) for a paged cache")
+            if paged
             else (3, "(total_k, nheads, headdim) for varlen")
+        )
         check_rank("k", k, kv_rank, kv_layout)
         check_rank("v", v, kv_rank, kv_layout)
         check_varlen(q, k, a)
@@ -124,7 +136,7 @@ def check_bias_broadcast(bias: Tensor, target: tuple[int, int, int, int]) -> Non
     expected = "a tensor broadcastable to (batch, nheads, seqlen_q, seqlen_k) = " + str(tuple(target))
     if bias.dim() > 4:
         _fail("attn_bias", expected, f"shape {tuple(bias.shape)}")
-    for size, full in zip(reversed(bias.shape), reversed(target)):
+    for size, full in zip(reversed(bias.shape), reversed(target), strict=False):
         if size != 1 and size != full:
             _fail("attn_bias", expected, f"shape {tuple(bias.shape)}")
 
@@ -136,8 +148,11 @@ def check_varlen(q: Tensor, k: Tensor, a: AttnArgs) -> None:
         _fail("cu_seqlens_k", "an int32 (batch + 1,) tensor with cu_seqlens_q", None)
     check_index_tensor("cu_seqlens_k", a.cu_seqlens_k, 1, "(batch + 1,) cumulative key lengths")
     if a.cu_seqlens_q.shape[0] < 2 or a.cu_seqlens_k.shape != a.cu_seqlens_q.shape:
-        _fail("cu_seqlens_k", f"shape {tuple(a.cu_seqlens_q.shape)} (that of cu_seqlens_q, >= 2)",
-              tuple(a.cu_seqlens_k.shape))
+        _fail(
+            "cu_seqlens_k",
+            f"shape {tuple(a.cu_seqlens_q.shape)} (that of cu_seqlens_q, >= 2)",
+            tuple(a.cu_seqlens_k.shape),
+        )
     batch = a.cu_seqlens_q.shape[0] - 1
     if a.seqused_k is not None:
         check_index_tensor("seqused_k", a.seqused_k, 1, "(batch,) key lengths used")

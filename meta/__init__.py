@@ -39,7 +39,10 @@ def bwd_fake(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     a = AttnArgs(*attn)
     check_attention(q, k, v, a)
     check_backward(dout, q, v, out, lse, a)
-    dbias = (q.new_empty(a.attn_bias.shape, dtype=a.attn_bias.dtype)
-             if bias_requires_grad and a.attn_bias is not None else q.new_empty(0))
+    dbias = (
+        q.new_empty(a.attn_bias.shape, dtype=a.attn_bias.dtype)
+        if bias_requires_grad and a.attn_bias is not None
+        else q.new_empty(0)
+    )
     dsink = q.new_empty(a.sinks.shape, dtype=a.sinks.dtype) if a.sinks is not None else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, dsink
