@@ -1,0 +1,740 @@
+"""Triton backward kernels for dense attention: deterministic by construction (no atomics).
+
+Three launches:
+1. `bwd_preprocess_kernel`: delta = rowsum(dO * O) (b, hq, sq) float32.
+2. `attn_bwd_dkdv_kernel`: one program owns a (BLOCK_N) key tile of one (batch, kv-head group) and
+   loops over the query tiles that see it (and over the query heads of its group), accumulating
+   dK and dV in registers: every dK/dV element is written once, by one program.
+3. `attn_bwd_dq_kernel`: one program owns a (BLOCK_M) query tile and loops over the key tiles it
+   sees, accumulating dQ; with a bias that needs its gradient it also stores dS (= dbias before
+   the broadcast reduction, which the host does with a torch sum).
+Both main kernels recompute P from (q, k, lse), so the backward costs 7 tile matmuls per tile pair
+instead of FlashAttention-2's 5 with atomics; that is the price of bitwise reproducibility.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from flexattn_ops.triton_common import (
+    LOG2E,
+    dropout_keep,
+    dropout_key,
+    keep_mask,
+    key_tile_bounds,
+    query_tile_bounds,
+    score_mods,
+)
+
+
+@triton.jit(do_not_specialize=["sq"])
+def bwd_preprocess_kernel(
+    Out,
+    DO,
+    Delta,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_db,
+    stride_ds,
+    stride_dh,
+    hq,
+    sq,
+    DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """Grid (cdiv(sq, BLOCK_M), b * hq): Delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d]."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // hq
+    h = pid_bh % hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < sq) & (offs_d[None, :] < DV)
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(Out + b.to(tl.int64) * stride_ob + h * stride_oh + rows * stride_os + offs_d[None, :], mask=mask)
+    do = tl.load(DO + b.to(tl.int64) * stride_db + h * stride_dh + rows * stride_ds + offs_d[None, :], mask=mask)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * sq + offs_m, delta, mask=offs_m < sq)
+
+
+@triton.jit
+def _dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    Q_head,
+    DO_head,
+    Lse_bh,
+    Delta_bh,
+    Bias_head,
+    stride_qs,
+    stride_dos,
+    stride_bm,
+    stride_bn,
+    offs_n,
+    lo,
+    hi,
+    sq,
+    sk,
+    off,
+    sm_scale,
+    softcap,
+    slope,
+    window_left,
+    window_right,
+    drop_key,
+    bh,
+    drop_threshold,
+    drop_rescale,
+    DQK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Accumulate dK (BLOCK_N, BLOCK_DQK) and dV (BLOCK_N, BLOCK_DV) over query tiles [lo, hi).
+
+    Works on transposed scores S^T (BLOCK_N, BLOCK_M): key index j = offs_n[:, None], query i = offs_m[None, :].
+    """
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    j = offs_n[:, None]
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        i = offs_m[None, :]
+        q_mask = offs_dk[None, :] < DQK
+        do_mask = offs_dv[None, :] < DV
+        if MASKED:
+            q_mask = q_mask & (offs_m[:, None] < sq)
+            do_mask = do_mask & (offs_m[:, None] < sq)
+            # rows past sq: lse = +inf makes p = 0 there
+            lse = tl.load(Lse_bh + offs_m, mask=offs_m < sq, other=float("inf"))
+            delta = tl.load(Delta_bh + offs_m, mask=offs_m < sq, other=0.0)
+        else:
+            lse = tl.load(Lse_bh + offs_m)
+            delta = tl.load(Delta_bh + offs_m)
+        rows = offs_m[:, None].to(tl.int64)
+        q = tl.load(Q_head + rows * stride_qs + offs_dk[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO_head + rows * stride_dos + offs_dv[None, :], mask=do_mask, other=0.0)
+        # a fully masked row has lse = -inf and must give p = 0: use +inf there
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        t = 0.0
+        if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
+            bias = 0.0
+            if HAS_BIAS:
+                bias = tl.load(Bias_head + i * stride_bm + j * stride_bn, mask=(i < sq) & (j < sk), other=0.0).to(
+                    tl.float32
+                )
+            s, t = score_mods(qk_t, i, j, sm_scale, softcap, slope, bias, off, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+            s = s * LOG2E
+        else:
+            s = qk_t * (sm_scale * LOG2E)
+        p_t = tl.math.exp2(s - lse2[None, :])
+        if MASKED:
+            p_t = tl.where(keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT, HAS_RIGHT), p_t, 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if HAS_DROPOUT:
+            kept = dropout_keep(drop_key, bh, i, j, drop_threshold)
+            pd_t = tl.where(kept, p_t * drop_rescale, 0.0)
+            dp_t = tl.where(kept, dp_t * drop_rescale, 0.0)
+        else:
+            pd_t = p_t
+        dv += tl.dot(pd_t.to(do.dtype), do, input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_SOFTCAP:
+            ds_t = ds_t * (1.0 - t * t)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["sq", "sk", "window_left", "window_right", "drop_threshold"])
+def attn_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DV_out,
+    Bias,
+    Alibi,
+    Rng,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_dob,
+    stride_dos,
+    stride_doh,
+    stride_dkb,
+    stride_dks,
+    stride_dkh,
+    stride_dvb,
+    stride_dvs,
+    stride_dvh,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_ab,
+    hq,
+    n_groups,
+    group,
+    q_per_k,
+    q_per_v,
+    sq,
+    sk,
+    sm_scale,
+    softcap,
+    window_left,
+    window_right,
+    drop_threshold,
+    drop_rescale,
+    DQK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid (cdiv(sk, BLOCK_N), b * n_groups). Program (n, b, g) sums over query heads g*group .. g*group+group-1.
+
+    With hk == hv the groups are the kv heads (group = hq // hk) and DK/DV are the real (b, sk, hk, d)
+    gradients; otherwise group = 1 and DK/DV are per-query-head float32 buffers the host reduces.
+    """
+    pid_n = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // n_groups
+    g_idx = pid_bg % n_groups
+    off = sk - sq
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    h0 = g_idx * group
+    cols = offs_n[:, None].to(tl.int64)
+    k = tl.load(
+        K + b.to(tl.int64) * stride_kb + (h0 // q_per_k) * stride_kh + cols * stride_ks + offs_dk[None, :],
+        mask=(offs_n[:, None] < sk) & (offs_dk[None, :] < DQK),
+        other=0.0,
+    )
+    v = tl.load(
+        V + b.to(tl.int64) * stride_vb + (h0 // q_per_v) * stride_vh + cols * stride_vs + offs_dv[None, :],
+        mask=(offs_n[:, None] < sk) & (offs_dv[None, :] < DV),
+        other=0.0,
+    )
+    dk = tl.zeros([BLOCK_N, BLOCK_DQK], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    lo, mid_lo, mid_hi, hi = query_tile_bounds(
+        n0, sq, off, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
+    # a key tile running past sk needs the j < sk mask in every query tile
+    mid_hi = tl.where(n0 + BLOCK_N > sk, mid_lo, mid_hi)
+    drop_key = 0
+    if HAS_DROPOUT:
+        drop_key = dropout_key(Rng)
+    for g in range(group):
+        h = h0 + g
+        bh = b * hq + h
+        Q_head = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+        DO_head = DO + b.to(tl.int64) * stride_dob + h * stride_doh
+        Lse_bh = Lse + bh.to(tl.int64) * sq
+        Delta_bh = Delta + bh.to(tl.int64) * sq
+        Bias_head = Bias + b.to(tl.int64) * stride_bb + h * stride_bh
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(Alibi + b * stride_ab + h).to(tl.float32)
+        dk, dv = _dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            Q_head,
+            DO_head,
+            Lse_bh,
+            Delta_bh,
+            Bias_head,
+            stride_qs,
+            stride_dos,
+            stride_bm,
+            stride_bn,
+            offs_n,
+            lo,
+            mid_lo,
+            sq,
+            sk,
+            off,
+            sm_scale,
+            softcap,
+            slope,
+            window_left,
+            window_right,
+            drop_key,
+            bh,
+            drop_threshold,
+            drop_rescale,
+            DQK,
+            DV,
+            BLOCK_M,
+            BLOCK_DQK,
+            BLOCK_DV,
+            True,
+            HAS_LEFT,
+            HAS_RIGHT,
+            HAS_SOFTCAP,
+            HAS_ALIBI,
+            HAS_BIAS,
+            HAS_DROPOUT,
+            PRECISION,
+        )
+        dk, dv = _dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            Q_head,
+            DO_head,
+            Lse_bh,
+            Delta_bh,
+            Bias_head,
+            stride_qs,
+            stride_dos,
+            stride_bm,
+            stride_bn,
+            offs_n,
+            mid_lo,
+            mid_hi,
+            sq,
+            sk,
+            off,
+            sm_scale,
+            softcap,
+            slope,
+            window_left,
+            window_right,
+            drop_key,
+            bh,
+            drop_threshold,
+            drop_rescale,
+            DQK,
+            DV,
+            BLOCK_M,
+            BLOCK_DQK,
+            BLOCK_DV,
+            False,
+            HAS_LEFT,
+            HAS_RIGHT,
+            HAS_SOFTCAP,
+            HAS_ALIBI,
+            HAS_BIAS,
+            HAS_DROPOUT,
+            PRECISION,
+        )
+        dk, dv = _dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            Q_head,
+            DO_head,
+            Lse_bh,
+            Delta_bh,
+            Bias_head,
+            stride_qs,
+            stride_dos,
+            stride_bm,
+            stride_bn,
+            offs_n,
+            mid_hi,
+            hi,
+            sq,
+            sk,
+            off,
+            sm_scale,
+            softcap,
+            slope,
+            window_left,
+            window_right,
+            drop_key,
+            bh,
+            drop_threshold,
+            drop_rescale,
+            DQK,
+            DV,
+            BLOCK_M,
+            BLOCK_DQK,
+            BLOCK_DV,
+            True,
+            HAS_LEFT,
+            HAS_RIGHT,
+            HAS_SOFTCAP,
+            HAS_ALIBI,
+            HAS_BIAS,
+            HAS_DROPOUT,
+            PRECISION,
+        )
+    dk = dk * sm_scale
+    n_mask = offs_n[:, None] < sk
+    tl.store(
+        DK + b.to(tl.int64) * stride_dkb + g_idx * stride_dkh + cols * stride_dks + offs_dk[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=n_mask & (offs_dk[None, :] < DQK),
+    )
+    tl.store(
+        DV_out + b.to(tl.int64) * stride_dvb + g_idx * stride_dvh + cols * stride_dvs + offs_dv[None, :],
+        dv.to(DV_out.dtype.element_ty),
+        mask=n_mask & (offs_dv[None, :] < DV),
+    )
+
+
+@triton.jit
+def _dq_inner(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    K_head,
+    V_head,
+    Bias_head,
+    DBias_bh,
+    stride_ks,
+    stride_vs,
+    stride_bm,
+    stride_bn,
+    offs_m,
+    lo,
+    hi,
+    sq,
+    sk,
+    off,
+    sm_scale,
+    softcap,
+    slope,
+    window_left,
+    window_right,
+    drop_key,
+    bh,
+    drop_threshold,
+    drop_rescale,
+    DQK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DBIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Accumulate dQ (BLOCK_M, BLOCK_DQK) over key tiles [lo, hi); store dS tiles when HAS_DBIAS."""
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    i = offs_m[:, None]
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        j = offs_n[None, :]
+        k_mask = offs_dk[None, :] < DQK
+        v_mask = offs_dv[None, :] < DV
+        if MASKED:
+            k_mask = k_mask & (offs_n[:, None] < sk)
+            v_mask = v_mask & (offs_n[:, None] < sk)
+        cols = offs_n[:, None].to(tl.int64)
+        k = tl.load(K_head + cols * stride_ks + offs_dk[None, :], mask=k_mask, other=0.0)
+        v = tl.load(V_head + cols * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        t = 0.0
+        if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
+            bias = 0.0
+            if HAS_BIAS:
+                bias = tl.load(Bias_head + i * stride_bm + j * stride_bn, mask=(i < sq) & (j < sk), other=0.0).to(
+                    tl.float32
+                )
+            s, t = score_mods(qk, i, j, sm_scale, softcap, slope, bias, off, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+            s = s * LOG2E
+        else:
+            s = qk * (sm_scale * LOG2E)
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            p = tl.where(keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT, HAS_RIGHT), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if HAS_DROPOUT:
+            dp = tl.where(dropout_keep(drop_key, bh, i, j, drop_threshold), dp * drop_rescale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if HAS_DBIAS:
+            tl.store(DBias_bh + i.to(tl.int64) * sk + j, ds, mask=(i < sq) & (j < sk))
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["sq", "sk", "window_left", "window_right", "drop_threshold"])
+def attn_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    DBias,
+    Bias,
+    Alibi,
+    Rng,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_dob,
+    stride_dos,
+    stride_doh,
+    stride_dqb,
+    stride_dqs,
+    stride_dqh,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_ab,
+    hq,
+    q_per_k,
+    q_per_v,
+    sq,
+    sk,
+    sm_scale,
+    softcap,
+    window_left,
+    window_right,
+    drop_threshold,
+    drop_rescale,
+    DQK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DBIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid (cdiv(sq, BLOCK_M), b * hq). DQ (b, sq, hq, dqk); DBias (b, hq, sq, sk) float32 when HAS_DBIAS."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // hq
+    h = pid_bh % hq
+    off = sk - sq
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = offs_m[:, None].to(tl.int64)
+    row_ok = offs_m[:, None] < sq
+    q = tl.load(
+        Q + b.to(tl.int64) * stride_qb + h * stride_qh + rows * stride_qs + offs_dk[None, :],
+        mask=row_ok & (offs_dk[None, :] < DQK),
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b.to(tl.int64) * stride_dob + h * stride_doh + rows * stride_dos + offs_dv[None, :],
+        mask=row_ok & (offs_dv[None, :] < DV),
+        other=0.0,
+    )
+    lse = tl.load(Lse + pid_bh.to(tl.int64) * sq + offs_m, mask=offs_m < sq, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * sq + offs_m, mask=offs_m < sq, other=0.0)
+    K_head = K + b.to(tl.int64) * stride_kb + (h // q_per_k) * stride_kh
+    V_head = V + b.to(tl.int64) * stride_vb + (h // q_per_v) * stride_vh
+    Bias_head = Bias + b.to(tl.int64) * stride_bb + h * stride_bh
+    DBias_bh = DBias + pid_bh.to(tl.int64) * sq * sk
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + b * stride_ab + h).to(tl.float32)
+    drop_key = 0
+    if HAS_DROPOUT:
+        drop_key = dropout_key(Rng)
+    dq = tl.zeros([BLOCK_M, BLOCK_DQK], tl.float32)
+    lo, mid_lo, mid_hi, hi = key_tile_bounds(
+        m0, sk, off, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        K_head,
+        V_head,
+        Bias_head,
+        DBias_bh,
+        stride_ks,
+        stride_vs,
+        stride_bm,
+        stride_bn,
+        offs_m,
+        lo,
+        mid_lo,
+        sq,
+        sk,
+        off,
+        sm_scale,
+        softcap,
+        slope,
+        window_left,
+        window_right,
+        drop_key,
+        pid_bh,
+        drop_threshold,
+        drop_rescale,
+        DQK,
+        DV,
+        BLOCK_N,
+        BLOCK_DQK,
+        BLOCK_DV,
+        True,
+        HAS_LEFT,
+        HAS_RIGHT,
+        HAS_SOFTCAP,
+        HAS_ALIBI,
+        HAS_BIAS,
+        HAS_DBIAS,
+        HAS_DROPOUT,
+        PRECISION,
+    )
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        K_head,
+        V_head,
+        Bias_head,
+        DBias_bh,
+        stride_ks,
+        stride_vs,
+        stride_bm,
+        stride_bn,
+        offs_m,
+        mid_lo,
+        mid_hi,
+        sq,
+        sk,
+        off,
+        sm_scale,
+        softcap,
+        slope,
+        window_left,
+        window_right,
+        drop_key,
+        pid_bh,
+        drop_threshold,
+        drop_rescale,
+        DQK,
+        DV,
+        BLOCK_N,
+        BLOCK_DQK,
+        BLOCK_DV,
+        False,
+        HAS_LEFT,
+        HAS_RIGHT,
+        HAS_SOFTCAP,
+        HAS_ALIBI,
+        HAS_BIAS,
+        HAS_DBIAS,
+        HAS_DROPOUT,
+        PRECISION,
+    )
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        K_head,
+        V_head,
+        Bias_head,
+        DBias_bh,
+        stride_ks,
+        stride_vs,
+        stride_bm,
+        stride_bn,
+        offs_m,
+        mid_hi,
+        hi,
+        sq,
+        sk,
+        off,
+        sm_scale,
+        softcap,
+        slope,
+        window_left,
+        window_right,
+        drop_key,
+        pid_bh,
+        drop_threshold,
+        drop_rescale,
+        DQK,
+        DV,
+        BLOCK_N,
+        BLOCK_DQK,
+        BLOCK_DV,
+        True,
+        HAS_LEFT,
+        HAS_RIGHT,
+        HAS_SOFTCAP,
+        HAS_ALIBI,
+        HAS_BIAS,
+        HAS_DBIAS,
+        HAS_DROPOUT,
+        PRECISION,
+    )
+    dq = dq * sm_scale
+    tl.store(
+        DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + rows * stride_dqs + offs_dk[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=row_ok & (offs_dk[None, :] < DQK),
+    )

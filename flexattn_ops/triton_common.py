@@ -1,0 +1,162 @@
+"""Triton device helpers shared by the forward, backward and probs kernels.
+
+Everything here is one step of SPEC section 4 written for a tile of scores: the score
+modifications (scale, softcap, ALiBi, bias), the window mask, the dropout hash and the loop bounds
+that skip key (or query) tiles with no unmasked entry. Index arguments ``i`` (query position) and
+``j`` (key position) are broadcastable 2-d int32 tensors, so the same helper serves the forward
+orientation (``i`` (BM, 1), ``j`` (1, BN)) and the transposed one of the dK/dV kernel.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # the kernels run the softmax in base 2: exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def fmix32(x):
+    """MurmurHash3's finaliser on uint32 (multiplication wraps mod 2**32), as reference.fmix32."""
+    x = x ^ (x >> 16)
+    x = x * tl.full([], 0x85EBCA6B, tl.uint32)
+    x = x ^ (x >> 13)
+    x = x * tl.full([], 0xC2B2AE35, tl.uint32)
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def dropout_key(Rng):
+    """key = fmix32(seed ^ fmix32(offset)) from the int64 [seed, offset] device tensor (low 32 bits each)."""
+    seed = tl.load(Rng).to(tl.uint32)
+    offset = tl.load(Rng + 1).to(tl.uint32)
+    return fmix32(seed ^ fmix32(offset))
+
+
+@triton.jit
+def dropout_keep(key, bh, i, j, threshold):
+    """reference.dropout_keep for a tile: True where the entry survives. ``bh`` = batch * hq + head."""
+    row = fmix32(fmix32(key ^ bh.to(tl.uint32)) ^ i.to(tl.uint32))
+    r = fmix32(row ^ j.to(tl.uint32))
+    return (r >> 8) < threshold.to(tl.uint32)
+
+
+@triton.jit
+def tanh_f32(x):
+    """tanh through exp (portable across Triton versions and the interpreter); saturates to +-1."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def score_mods(
+    qk,
+    i,
+    j,
+    sm_scale,
+    softcap,
+    slope,
+    bias,
+    off,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """Steps 1-3 of SPEC section 4 in natural-log units. Returns (s, tanh) (tanh is 0.0 without softcap)."""
+    s = qk * sm_scale
+    t = 0.0
+    if HAS_SOFTCAP:
+        t = tanh_f32(s / softcap)
+        s = softcap * t
+    if HAS_ALIBI:
+        s = s - slope * tl.abs(i + off - j).to(tl.float32)
+    if HAS_BIAS:
+        s = s + bias
+    return s, t
+
+
+@triton.jit
+def keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Step 4: key exists and lies in [i + off - left, i + off + right] (bottom-right aligned)."""
+    keep = j < sk
+    if HAS_LEFT:
+        keep = keep & (j >= i + off - window_left)
+    if HAS_RIGHT:
+        keep = keep & (j <= i + off + window_right)
+    return keep
+
+
+@triton.jit
+def key_tile_bounds(
+    m0,
+    sk,
+    off,
+    window_left,
+    window_right,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+):
+    """Key tiles query rows [m0, m0 + BLOCK_M) visit: (lo, mid_lo, mid_hi, hi).
+
+    Tiles in [lo, mid_lo) and [mid_hi, hi) need the mask; tiles in [mid_lo, mid_hi) are fully
+    unmasked for every row of the block (so the loop there skips the mask arithmetic); tiles outside
+    [lo, hi) hold no unmasked entry and are never loaded. All of lo, mid_lo, mid_hi are multiples of
+    BLOCK_N, and every value is clamped at 0 before dividing (Triton's integer division truncates).
+    """
+    lo = 0
+    hi = sk
+    mid_lo = 0
+    r_full = sk
+    if HAS_LEFT:
+        lo = tl.maximum(m0 + off - window_left, 0)
+        # last row of the block: keys >= its left edge are inside every row's window
+        mid_lo = tl.maximum(m0 + BLOCK_M - 1 + off - window_left, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(m0 + BLOCK_M + off + window_right, sk)
+        # first row of the block: keys <= its right edge are inside every row's window
+        r_full = tl.minimum(tl.maximum(m0 + off + window_right + 1, 0), sk)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = tl.maximum(hi, lo)
+    hi_tiles = ((hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    mid_lo = tl.minimum(tl.maximum(((mid_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo), hi_tiles)
+    mid_hi = tl.maximum((r_full // BLOCK_N) * BLOCK_N, mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def query_tile_bounds(
+    n0,
+    sq,
+    off,
+    window_left,
+    window_right,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+):
+    """Query tiles that see key columns [n0, n0 + BLOCK_N): (lo, mid_lo, mid_hi, hi), as key_tile_bounds.
+
+    Row i sees key j iff i >= j - off - right and i <= j - off + left. The unmasked middle needs
+    every (i, j) of the tile inside the window and i < sq (rows past sq carry lse = +inf, p = 0, but the
+    loads there are masked only in the masked loops).
+    """
+    lo = 0
+    hi = sq
+    mid_lo = 0
+    r_full = sq
+    if HAS_RIGHT:
+        lo = tl.maximum(n0 - off - window_right, 0)
+        mid_lo = tl.maximum(n0 + BLOCK_N - 1 - off - window_right, 0)
+    if HAS_LEFT:
+        hi = tl.minimum(n0 + BLOCK_N - off + window_left, sq)
+        r_full = tl.minimum(tl.maximum(n0 - off + window_left + 1, 0), sq)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    hi = tl.maximum(hi, lo)
+    hi_tiles = ((hi + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    mid_lo = tl.minimum(tl.maximum(((mid_lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo), hi_tiles)
+    mid_hi = tl.maximum((r_full // BLOCK_M) * BLOCK_M, mid_lo)
+    return lo, mid_lo, mid_hi, hi

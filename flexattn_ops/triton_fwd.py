@@ -1,0 +1,412 @@
+"""Triton forward kernel (and the probs kernel) for dense attention.
+
+One program computes a (BLOCK_M, dv) output tile of one (batch, query head): it streams the key
+tiles the window allows (online softmax in base 2) in three loops: masked left edge, unmasked
+middle, masked right edge, so a causal or windowed row block never touches a fully masked tile.
+Head dims are padded to powers of two (BLOCK_DQK, BLOCK_DV) with load masks, so any dqk/dv from
+8 to 256 runs.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from flexattn_ops.triton_common import (
+    LN2,
+    LOG2E,
+    dropout_keep,
+    dropout_key,
+    keep_mask,
+    key_tile_bounds,
+    score_mods,
+)
+
+
+@triton.jit
+def _fwd_inner(
+    acc,
+    m_i,
+    l_i,
+    q,
+    K_head,
+    V_head,
+    Bias_head,
+    stride_ks,
+    stride_vs,
+    stride_bm,
+    stride_bn,
+    offs_m,
+    lo,
+    hi,
+    sq,
+    sk,
+    off,
+    sm_scale,
+    softcap,
+    slope,
+    window_left,
+    window_right,
+    drop_key,
+    bh,
+    drop_threshold,
+    DQK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    i = offs_m[:, None]
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        j = offs_n[None, :]
+        k_mask = offs_dk[None, :] < DQK
+        v_mask = offs_dv[None, :] < DV
+        if MASKED:
+            k_mask = k_mask & (offs_n[:, None] < sk)
+            v_mask = v_mask & (offs_n[:, None] < sk)
+        k = tl.load(K_head + offs_n[:, None] * stride_ks + offs_dk[None, :], mask=k_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
+            bias = 0.0
+            if HAS_BIAS:
+                bias = tl.load(Bias_head + i * stride_bm + j * stride_bn, mask=(i < sq) & (j < sk), other=0.0).to(
+                    tl.float32
+                )
+            s, _t = score_mods(qk, i, j, sm_scale, softcap, slope, bias, off, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+            s = s * LOG2E
+        else:
+            s = qk * (sm_scale * LOG2E)
+        if MASKED:
+            keep = keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with every key so far masked has m_new = -inf: subtract 0 instead (no inf - inf NaN)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            p = tl.where(dropout_keep(drop_key, bh, i, j, drop_threshold), p, 0.0)
+        v = tl.load(V_head + offs_n[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["sq", "sk", "window_left", "window_right", "drop_threshold"])
+def attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    Bias,
+    Alibi,
+    Sinks,
+    Rng,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_ab,
+    hq,
+    q_per_k,
+    q_per_v,
+    sq,
+    sk,
+    sm_scale,
+    softcap,
+    window_left,
+    window_right,
+    drop_threshold,
+    drop_rescale,
+    DQK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid (cdiv(sq, BLOCK_M), b * hq). Out (b, sq, hq, dv) strided; Lse (b, hq, sq) contiguous float32."""
+    # Heaviest causal row blocks (the last ones) go first: better tail balance across the 132 SMs.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // hq
+    h = pid_bh % hq
+    off = sk - sq
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs
+    q = tl.load(q_ptrs + offs_dk[None, :], mask=(offs_m[:, None] < sq) & (offs_dk[None, :] < DQK), other=0.0)
+    K_head = K + b.to(tl.int64) * stride_kb + (h // q_per_k) * stride_kh
+    V_head = V + b.to(tl.int64) * stride_vb + (h // q_per_v) * stride_vh
+    Bias_head = Bias + b.to(tl.int64) * stride_bb + h * stride_bh
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + b * stride_ab + h).to(tl.float32)
+    drop_key = 0
+    if HAS_DROPOUT:
+        drop_key = dropout_key(Rng)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    lo, mid_lo, mid_hi, hi = key_tile_bounds(
+        m0, sk, off, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
+    # masked left edge, unmasked middle, masked right edge (tiles outside [lo, hi) are skipped)
+    acc, m_i, l_i = _fwd_inner(
+        acc,
+        m_i,
+        l_i,
+        q,
+        K_head,
+        V_head,
+        Bias_head,
+        stride_ks,
+        stride_vs,
+        stride_bm,
+        stride_bn,
+        offs_m,
+        lo,
+        mid_lo,
+        sq,
+        sk,
+        off,
+        sm_scale,
+        softcap,
+        slope,
+        window_left,
+        window_right,
+        drop_key,
+        pid_bh,
+        drop_threshold,
+        DQK,
+        DV,
+        BLOCK_N,
+        BLOCK_DQK,
+        BLOCK_DV,
+        True,
+        HAS_LEFT,
+        HAS_RIGHT,
+        HAS_SOFTCAP,
+        HAS_ALIBI,
+        HAS_BIAS,
+        HAS_DROPOUT,
+        PRECISION,
+    )
+    acc, m_i, l_i = _fwd_inner(
+        acc,
+        m_i,
+        l_i,
+        q,
+        K_head,
+        V_head,
+        Bias_head,
+        stride_ks,
+        stride_vs,
+        stride_bm,
+        stride_bn,
+        offs_m,
+        mid_lo,
+        mid_hi,
+        sq,
+        sk,
+        off,
+        sm_scale,
+        softcap,
+        slope,
+        window_left,
+        window_right,
+        drop_key,
+        pid_bh,
+        drop_threshold,
+        DQK,
+        DV,
+        BLOCK_N,
+        BLOCK_DQK,
+        BLOCK_DV,
+        False,
+        HAS_LEFT,
+        HAS_RIGHT,
+        HAS_SOFTCAP,
+        HAS_ALIBI,
+        HAS_BIAS,
+        HAS_DROPOUT,
+        PRECISION,
+    )
+    acc, m_i, l_i = _fwd_inner(
+        acc,
+        m_i,
+        l_i,
+        q,
+        K_head,
+        V_head,
+        Bias_head,
+        stride_ks,
+        stride_vs,
+        stride_bm,
+        stride_bn,
+        offs_m,
+        mid_hi,
+        hi,
+        sq,
+        sk,
+        off,
+        sm_scale,
+        softcap,
+        slope,
+        window_left,
+        window_right,
+        drop_key,
+        pid_bh,
+        drop_threshold,
+        DQK,
+        DV,
+        BLOCK_N,
+        BLOCK_DQK,
+        BLOCK_DV,
+        True,
+        HAS_LEFT,
+        HAS_RIGHT,
+        HAS_SOFTCAP,
+        HAS_ALIBI,
+        HAS_BIAS,
+        HAS_DROPOUT,
+        PRECISION,
+    )
+    if HAS_SINKS:
+        # the sink is one more logit in the denominator (and in lse), with no value row
+        sink = tl.load(Sinks + h).to(tl.float32) * LOG2E
+        m_f = tl.maximum(m_i, sink)
+        alpha = tl.math.exp2(m_i - m_f)
+        l_i = l_i * alpha + tl.math.exp2(sink - m_f)
+        acc = acc * alpha[:, None]
+        m_i = m_f
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc * (drop_rescale / l_safe)[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os
+    tl.store(
+        o_ptrs + offs_dv[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=(offs_m[:, None] < sq) & (offs_dv[None, :] < DV),
+    )
+    tl.store(Lse + pid_bh.to(tl.int64) * sq + offs_m, lse, mask=offs_m < sq)
+
+
+@triton.jit(do_not_specialize=["sq", "sk", "window_left", "window_right", "drop_threshold"])
+def attn_probs_kernel(
+    Q,
+    K,
+    Lse,
+    P,
+    Bias,
+    Alibi,
+    Rng,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_ab,
+    hq,
+    q_per_k,
+    sq,
+    sk,
+    sm_scale,
+    softcap,
+    window_left,
+    window_right,
+    drop_threshold,
+    DQK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Grid (cdiv(sq, BM), cdiv(sk, BN), b * hq): P (b, hq, sq, sk) float32 = exp(s - lse), dropped entries negated."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // hq
+    h = pid_bh % hq
+    off = sk - sq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_DQK)
+    i = offs_m[:, None]
+    j = offs_n[None, :]
+    q = tl.load(
+        Q + b.to(tl.int64) * stride_qb + h * stride_qh + i * stride_qs + offs_d[None, :],
+        mask=(i < sq) & (offs_d[None, :] < DQK),
+        other=0.0,
+    )
+    k = tl.load(
+        K + b.to(tl.int64) * stride_kb + (h // q_per_k) * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+        mask=(offs_n[:, None] < sk) & (offs_d[None, :] < DQK),
+        other=0.0,
+    )
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(
+            Bias + b.to(tl.int64) * stride_bb + h * stride_bh + i * stride_bm + j * stride_bn,
+            mask=(i < sq) & (j < sk),
+            other=0.0,
+        ).to(tl.float32)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + b * stride_ab + h).to(tl.float32)
+    s, _t = score_mods(qk, i, j, sm_scale, softcap, slope, bias, off, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+    keep = keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+    lse = tl.load(Lse + pid_bh.to(tl.int64) * sq + offs_m, mask=offs_m < sq, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+    if HAS_DROPOUT:
+        p = tl.where(dropout_keep(dropout_key(Rng), pid_bh, i, j, drop_threshold), p, -p)
+    tl.store(P + pid_bh.to(tl.int64) * sq * sk + i.to(tl.int64) * sk + j, p, mask=(i < sq) & (j < sk))

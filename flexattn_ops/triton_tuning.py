@@ -1,0 +1,183 @@
+"""Tile configurations for the Triton kernels: a tuned table, an autotuner and its on-disk cache.
+
+A configuration is ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` for one kernel
+(``fwd``, ``dkdv``, ``dq``). Lookup order for a key (GPU name, Triton version, dtype, dqk, dv, causal):
+1. ``TUNED`` (`flexattn_ops.triton_configs`, written by `benchmarks/tune_triton.py` from a device run);
+2. the cache file (``$FLEXATTN_CACHE_DIR`` or ``~/.cache/flexattn_ops``)/``triton_tuning.json``;
+3. tune now: time every candidate on the call's own inputs with `triton.testing.do_bench`, keep the
+   fastest, write it to the cache file (so a second process does not re-tune).
+Tuning is skipped (a heuristic default is used) under ``TRITON_INTERPRET=1``, while a CUDA graph is
+being captured (timing would synchronise), or with ``FLEXATTN_TRITON_AUTOTUNE=0``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
+
+import torch
+import triton
+
+Config = dict[str, int]
+
+INTERPRET_CONFIG: Config = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+
+_lock = threading.Lock()
+_memory: dict[str, Config] = {}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("FLEXATTN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flexattn_ops")
+    return Path(root) / "triton_tuning.json"
+
+
+def _pad(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def config_key(kernel: str, device: torch.device, dtype: torch.dtype, dqk: int, dv: int, causal: bool) -> str:
+    """Cache key: head dims are rounded to the padded tile dims (40 and 64 share tiles)."""
+    name = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else device.type
+    dt = str(dtype).replace("torch.", "")
+    return f"{kernel}|{name}|triton{triton.__version__}|{dt}|{_pad(dqk)}x{_pad(dv)}|{'causal' if causal else 'full'}"
+
+
+def default_config(kernel: str, dtype: torch.dtype, dqk: int, dv: int) -> Config:
+    """Heuristic configuration (no timing): what an H100 liked for the nearest head dims."""
+    if interpreting():
+        return dict(INTERPRET_CONFIG)
+    width = _pad(dqk) + _pad(dv)
+    fp32 = dtype == torch.float32
+    if kernel == "fwd":
+        if width <= 128:
+            cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+        elif width <= 256:
+            cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+        else:
+            cfg = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    elif kernel == "dkdv":
+        if width <= 128:
+            cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+        elif width <= 256:
+            cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+        else:
+            cfg = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    else:  # dq
+        if width <= 256:
+            cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+        else:
+            cfg = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    if fp32:  # fp32 tiles take twice the shared memory
+        cfg = {**cfg, "BLOCK_M": min(cfg["BLOCK_M"], 64), "BLOCK_N": min(cfg["BLOCK_N"], 32), "num_stages": 1}
+    return cfg
+
+
+def candidates(kernel: str, dtype: torch.dtype, dqk: int, dv: int) -> list[Config]:
+    """What the tuner tries: the default plus neighbours (tile sizes, warps, pipeline depth)."""
+    width = _pad(dqk) + _pad(dv)
+    out: list[Config] = [default_config(kernel, dtype, dqk, dv)]
+    if kernel == "fwd":
+        grid = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 2)]
+        if width <= 128:
+            grid += [(128, 128, 4, 3)]
+    elif kernel == "dkdv":
+        grid = [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 3), (16, 64, 4, 2)]
+    else:
+        grid = [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 3), (32, 64, 4, 2)]
+    for m, n, w, s in grid:
+        cfg = {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def _tuned_table() -> dict[str, Config]:
+    try:
+        from flexattn_ops.triton_configs import TUNED
+    except ImportError:
+        return {}
+    return TUNED
+
+
+def _load_disk() -> dict[str, Config]:
+    try:
+        return json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_disk(key: str, cfg: Config) -> None:
+    """Merge one entry into the cache file atomically (write a temp file, then rename)."""
+    path = _cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _load_disk()
+        data[key] = cfg
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs re-tuning in the next process
+
+
+def _may_tune(device: torch.device) -> bool:
+    if interpreting() or device.type != "cuda" or os.environ.get("FLEXATTN_TRITON_AUTOTUNE", "1") == "0":
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def get_config(
+    kernel: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    dqk: int,
+    dv: int,
+    causal: bool,
+    launch: Optional[Callable[[Config], None]] = None,
+) -> Config:
+    """The configuration for `kernel`; tunes with `launch(cfg)` (which runs the kernel once) if none is known."""
+    if interpreting():
+        return dict(INTERPRET_CONFIG)
+    key = config_key(kernel, device, dtype, dqk, dv, causal)
+    cfg = _memory.get(key)
+    if cfg is not None:
+        return cfg
+    with _lock:
+        cfg = _tuned_table().get(key) or _load_disk().get(key)
+        if cfg is None and launch is not None and _may_tune(device):
+            cfg = _tune(launch, candidates(kernel, dtype, dqk, dv))
+            if cfg is not None:
+                _save_disk(key, cfg)
+        if cfg is None:
+            return default_config(kernel, dtype, dqk, dv)  # not memoised: tune later when allowed
+        _memory[key] = cfg
+        return cfg
+
+
+def _tune(launch: Callable[[Config], None], cands: list[Config]) -> Optional[Config]:
+    from triton.testing import do_bench
+
+    best, best_ms = None, float("inf")
+    for cfg in cands:
+        try:
+            ms = do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20, return_mode="median")
+        except Exception:  # noqa: BLE001  (out of shared memory / registers: not a candidate here)
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    return best
+
+
+def known_configs() -> dict[str, Config]:
+    """Every configuration this process knows (tuned table, disk cache, memory): for writing the table."""
+    return {**_tuned_table(), **_load_disk(), **_memory}
