@@ -29,6 +29,9 @@ BACKEND_ENV = "FLEXATTN_BACKEND"
 # `auto` tries them in this order: compiled kernels first. It never picks the Triton interpreter
 # for CPU tensors (it runs ~1000x slower than the reference backend there).
 BACKENDS = ("cuda", "triton", "reference")
+# Every op a backend module may implement (a function of that name). The reference runs them all;
+# the other backends say in `unsupported(op, ...)` which ones they cannot run yet.
+OPS = ("fwd", "bwd", "probs", "fwd_kvcache", "combine")
 
 
 @dataclass
@@ -58,6 +61,8 @@ def _module(name: str) -> ModuleType:
 
 def why_not(name: str, op: str, q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> Optional[str]:
     """None if backend `name` can run `op` on these inputs, else the reason it cannot."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}: expected one of {', '.join(OPS)}")
     if name == "reference":
         return None
     if name == "cuda":

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from flexattn_ops import dispatch
-from flexattn_ops.params import AttnArgs
+from flexattn_ops.params import AttnArgs, KVCacheArgs
 
 AttnOutput = Union[Tensor, tuple[Tensor, Tensor, Tensor]]
 
@@ -321,6 +321,88 @@ def flash_attn_varlen_kvpacked_func(
         deterministic,
         return_attn_probs,
     )
+
+
+def flash_attn_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    rotary_cos: Optional[Tensor] = None,
+    rotary_sin: Optional[Tensor] = None,
+    cache_seqlens: Optional[Union[int, Tensor]] = None,
+    cache_batch_idx: Optional[Tensor] = None,
+    cache_leftpad: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Sequence[int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: Optional[Tensor] = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+    *,
+    sinks: Optional[Tensor] = None,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Attention against a KV cache, appending new keys/values to it in place (decoding). No backward.
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim_qk).
+        k_cache: (batch_cache, seqlen_cache, nheads_k, headdim_qk), or with `block_table` a paged
+            cache (num_blocks, page_size, nheads_k, headdim_qk) with any page size. Updated in place.
+        v_cache: like k_cache with nheads_v, headdim_v. Updated in place.
+        k, v: optional new (batch, seqlen_new, nheads_k|nheads_v, headdim) written at
+            cache positions cache_seqlens, cache_seqlens + 1, ... of each sequence, then attended to.
+        rotary_cos, rotary_sin: optional (seqlen_ro >= cache length, rotary_dim / 2),
+            rotary_dim <= headdim_qk; rotate the new k at positions cache_seqlens - cache_leftpad + i,
+            and q at the same positions if causal/local, else all of q at the first of them.
+        cache_seqlens: int or (batch,) int32, the cache slots in use per sequence (None: all).
+        cache_batch_idx: (batch,) int32, the cache row of each sequence (dense caches only).
+        cache_leftpad: (batch,) int32, the first valid cache slot of each sequence.
+        block_table: (batch, max_blocks) int32 page indices of each sequence.
+        rotary_interleaved: rotate dims (0, 1), (2, 3), ... if True, else (i, i + rotary_dim / 2).
+        num_splits: split the keys into this many chunks merged with `combine`; 0 = heuristic.
+        return_softmax_lse: also return softmax_lse.
+        sinks: (nheads,) per-head logits added to each softmax denominator (extension).
+        Other arguments as `flash_attn_func`; causal and windows are bottom-right aligned on the
+        valid keys (the cache after the append).
+
+    Returns:
+        out (batch, seqlen_q, nheads, headdim_v); with return_softmax_lse also softmax_lse
+        (batch, nheads, seqlen_q) float32 (including the sink when given).
+    """
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size: expected a pair (left, right) of ints, got {window_size!r}")
+    window_left, window_right = int(window_size[0]), int(window_size[1])
+    if causal:
+        window_right = 0
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    c = KVCacheArgs(
+        None if k is None else _last_dim_contiguous(k),
+        None if v is None else _last_dim_contiguous(v),
+        rotary_cos,
+        rotary_sin,
+        cache_seqlens,
+        cache_batch_idx,
+        cache_leftpad,
+        block_table,
+        float(softmax_scale),
+        window_left,
+        window_right,
+        float(softcap),
+        bool(rotary_interleaved),
+        alibi_slopes,
+        sinks,
+        int(num_splits),
+    )
+    # The caches are not copied: the op writes into exactly the tensors the caller passed.
+    out, lse = torch.ops.flexattn.fwd_kvcache(_last_dim_contiguous(q), k_cache, v_cache, *c)
+    return (out, lse) if return_softmax_lse else out
 
 
 def _check_packed(name: str, t: Tensor, rank: int, count: int) -> None:

@@ -12,9 +12,9 @@ from torch import Tensor
 from torch.library import custom_op
 
 from flexattn_ops import dispatch
-from flexattn_ops.meta import bwd_fake, fwd_fake, probs_fake
-from flexattn_ops.params import ATTN_SCHEMA, AttnArgs
-from flexattn_ops.validation import check_attention, check_backward
+from flexattn_ops.meta import bwd_fake, combine_fake, fwd_fake, fwd_kvcache_fake, probs_fake
+from flexattn_ops.params import ATTN_SCHEMA, KVCACHE_SCHEMA, AttnArgs, KVCacheArgs
+from flexattn_ops.validation import check_attention, check_backward, check_combine, check_kvcache
 
 _TENSOR_FIELDS = [
     i
@@ -53,8 +53,7 @@ def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     check_attention(q, k, v, a)
     check_backward(dout, q, v, out, lse, a)
     dq, dk, dv, dbias, dsink = dispatch.select("bwd", q, k, v, a).bwd(dout, q, k, v, out, lse, a, bias_requires_grad)
-    empty = q.new_empty(0)
-    return dq, dk, dv, empty if dbias is None else dbias, empty if dsink is None else dsink
+    return dq, dk, dv, q.new_empty(0) if dbias is None else dbias, q.new_empty(0) if dsink is None else dsink
 
 
 @custom_op("flexattn::probs", mutates_args=(), schema=f"(Tensor q, Tensor k, Tensor v, {ATTN_SCHEMA}) -> Tensor")
@@ -98,3 +97,59 @@ def _fwd_backward(ctx, dout: Tensor, _dlse: Tensor):
 
 
 fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+@custom_op(
+    "flexattn::fwd_kvcache",
+    mutates_args=("k_cache", "v_cache"),
+    schema=f"(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, {KVCACHE_SCHEMA}) -> (Tensor, Tensor)",
+)
+def fwd_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, *args) -> tuple[Tensor, Tensor]:
+    """Decode/append attention against a (paged) KV cache: appends k/v to the caches in place and
+    returns (out (b, sq, hq, dv), softmax_lse (b, hq, sq) float32). Shapes in `KVCacheArgs`. No autograd."""
+    c = KVCacheArgs(*args)
+    check_kvcache(q, k_cache, v_cache, c)
+    return dispatch.select("fwd_kvcache", q, k_cache, v_cache, c.attn_args()).fwd_kvcache(q, k_cache, v_cache, c)
+
+
+@custom_op("flexattn::combine", mutates_args=(), schema="(Tensor out_partial, Tensor lse_partial) -> (Tensor, Tensor)")
+def combine(out_partial: Tensor, lse_partial: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge partial attention results over disjoint key sets (split-KV, ring attention), in float32.
+
+    out_partial (num_splits, ..., dv), lse_partial (num_splits, ...) float32 -> out (..., dv) and
+    lse (...) float32. Splits with lse -inf count for nothing; a row with no key anywhere gets
+    out 0, lse -inf.
+    """
+    check_combine(out_partial, lse_partial)
+    # dispatch takes (q, k, v, AttnArgs); combine has no attention arguments.
+    backend = dispatch.select("combine", out_partial, lse_partial, lse_partial, AttnArgs())
+    return backend.combine(out_partial, lse_partial)
+
+
+fwd_kvcache.register_fake(fwd_kvcache_fake)
+combine.register_fake(combine_fake)
+
+
+def _combine_setup_context(ctx, inputs, output) -> None:
+    out_partial, lse_partial = inputs
+    out, lse = output
+    ctx.save_for_backward(out_partial, lse_partial, out, lse)
+
+
+def _combine_backward(ctx, dout: Tensor, dlse: Tensor):
+    """With w_s = exp(lse_s - lse): d out_s = w_s dout, d lse_s = w_s (dout . (out_s - out) + dlse)."""
+    out_partial, lse_partial, out, lse = ctx.saved_tensors
+    lse_safe = torch.where(torch.isneginf(lse), float("inf"), lse)
+    w = torch.exp(lse_partial.float() - lse_safe)
+    live = (w > 0)[..., None]
+    d_out = torch.where(live, w[..., None] * dout.float(), 0.0) if dout is not None else None
+    d_lse = torch.zeros_like(w)
+    if dout is not None:
+        diff = torch.where(live, out_partial.float() - out, 0.0)
+        d_lse = d_lse + w * (dout.float() * diff).sum(-1)
+    if dlse is not None:
+        d_lse = d_lse + w * dlse
+    return (None if d_out is None else d_out.to(out_partial.dtype)), d_lse
+
+
+combine.register_autograd(_combine_backward, setup_context=_combine_setup_context)

@@ -54,3 +54,50 @@ class AttnArgs(NamedTuple):
     @property
     def is_causal(self) -> bool:
         return self.window_left < 0 and self.window_right == 0
+
+
+# `fwd_kvcache` takes ``q, k_cache, v_cache`` (the caches mutated in place) followed by these.
+KVCACHE_SCHEMA = (
+    "Tensor? k, Tensor? v, Tensor? rotary_cos, Tensor? rotary_sin, Tensor? cache_seqlens, "
+    "Tensor? cache_batch_idx, Tensor? cache_leftpad, Tensor? block_table, float softmax_scale, int window_left, "
+    "int window_right, float softcap, bool rotary_interleaved, Tensor? alibi_slopes, Tensor? sinks, int num_splits"
+)
+
+
+class KVCacheArgs(NamedTuple):
+    """The arguments of `fwd_kvcache` after ``q (b, sq, hq, dqk)``, ``k_cache`` and ``v_cache``.
+
+    Caches: ``(b_cache, seqlen_cache, hk|hv, dqk|dv)``, or with ``block_table (b, max_blocks)``
+    paged ``(num_blocks, page_size, hk|hv, dqk|dv)`` (any page size). ``k/v (b, s_new, hk|hv, d)``
+    are appended at ``cache_seqlens (b,) int32`` (None: the caches are full and nothing is
+    appended). ``rotary_cos/sin (seqlen_ro, rotary_dim / 2)``; ``cache_batch_idx`` and
+    ``cache_leftpad`` are ``(b,) int32``. ``num_splits`` 0 picks the number of key splits.
+    """
+
+    k: Optional[Tensor] = None
+    v: Optional[Tensor] = None
+    rotary_cos: Optional[Tensor] = None
+    rotary_sin: Optional[Tensor] = None
+    cache_seqlens: Optional[Tensor] = None
+    cache_batch_idx: Optional[Tensor] = None
+    cache_leftpad: Optional[Tensor] = None
+    block_table: Optional[Tensor] = None
+    softmax_scale: float = 1.0
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    rotary_interleaved: bool = True
+    alibi_slopes: Optional[Tensor] = None
+    sinks: Optional[Tensor] = None
+    num_splits: int = 0
+
+    def attn_args(self) -> AttnArgs:
+        """The attention arguments this call shares with `fwd` (dense layout, no dropout)."""
+        return AttnArgs(
+            softmax_scale=self.softmax_scale,
+            window_left=self.window_left,
+            window_right=self.window_right,
+            softcap=self.softcap,
+            alibi_slopes=self.alibi_slopes,
+            sinks=self.sinks,
+        )

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flexattn_ops.params import AttnArgs
+from flexattn_ops.params import AttnArgs, KVCacheArgs
 
 # Rows per block: a (batch, heads, 128, seqlen_k) float32 score tile; 128 keeps the tile within
 # a few MB for seqlen_k up to 8k while amortising the per-block Python overhead.
@@ -311,9 +311,9 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> tuple[Tensor, Tensor]:
         kb, vb, per_seq = _varlen_keys(k, v, a)
         idx = _index_for(q, kb, a, per_seq)
         out, lse, _ = _forward_core(q[None], kb, vb, idx, a, None)
-        return out[0].to(q.dtype), lse[0]
+        return _as(out[0], q), lse[0]
     out, lse, _ = _forward_core(q, k, v, _index_for(q, k, a, None), a, _bias4(a))
-    return out.to(q.dtype), lse
+    return _as(out, q), lse
 
 
 def probs(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> Tensor:
@@ -342,8 +342,13 @@ def bwd(
         if dbias4 is not None:
             assert a.attn_bias is not None
             dbias = dbias4.reshape(a.attn_bias.shape).to(a.attn_bias.dtype)
-            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, _cast(dsink, a)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, _cast(dsink, a)
+            return _as(dq, q), _as(dk, k), _as(dv, v), dbias, _cast(dsink, a)
+    return _as(dq, q), _as(dk, k), _as(dv, v), None, _cast(dsink, a)
+
+
+def _as(x: Tensor, like: Tensor) -> Tensor:
+    """x in like's dtype, contiguous: the layout the fakes promise for every output."""
+    return x.to(like.dtype).contiguous()
 
 
 def _cast(dsink: Optional[Tensor], a: AttnArgs) -> Optional[Tensor]:
@@ -356,3 +361,153 @@ def _scatter_pages(d_gathered: Tensor, cache: Tensor, block_table: Tensor) -> Te
     grad = torch.zeros(cache.shape, dtype=torch.float32, device=cache.device)
     grad.index_add_(0, block_table.reshape(-1).long(), d_gathered.reshape(-1, page, *cache.shape[2:]))
     return grad.to(cache.dtype)
+
+
+# num_splits=0: one split per this many cache slots, at most MAX_SPLITS. Splitting buys the
+# reference nothing in speed; the heuristic only decides how often `combine` runs, so long
+# caches exercise the same merge a GPU split-KV kernel relies on.
+KEYS_PER_SPLIT = 512
+MAX_SPLITS = 16
+
+
+def num_splits_for(num_splits: int, seqlen_k: int) -> int:
+    """How many key chunks `fwd_kvcache` merges: `num_splits`, 0 = heuristic, never more than the keys."""
+    if num_splits == 0:
+        num_splits = min(MAX_SPLITS, -(-seqlen_k // KEYS_PER_SPLIT))
+    return max(1, min(num_splits, seqlen_k))
+
+
+def combine(out_partial: Tensor, lse_partial: Tensor) -> tuple[Tensor, Tensor]:
+    """The `flexattn::combine` op: out (..., dv) and lse (...), both float32.
+
+    Splits whose lse is -inf (no key) get weight 0 whatever their out holds; rows where every
+    split is -inf give out 0 and lse -inf.
+    """
+    lse_p = lse_partial.float()
+    m = lse_p.amax(0)
+    m = torch.where(torch.isinf(m), 0.0, m)
+    w = torch.exp(lse_p - m)
+    total = w.sum(0)
+    lse = m + torch.log(total)
+    weighted = torch.where(w[..., None] > 0, w[..., None] * out_partial.float(), 0.0)
+    out = weighted.sum(0) / torch.where(total > 0, total, 1.0)[..., None]
+    return out, lse
+
+
+def rotary(x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, interleaved: bool) -> Tensor:
+    """Rotate the first rotary_dim dims of x (b, s, h, d) at positions pos (b, s), in float32.
+
+    cos/sin are (seqlen_ro, rotary_dim / 2). Interleaved pairs dims (0, 1), (2, 3), ...;
+    GPT-NeoX pairs dim i with i + rotary_dim / 2.
+    """
+    half = cos.shape[1]
+    c = cos.float()[pos][:, :, None]
+    s = sin.float()[pos][:, :, None]
+    xf = x.float()
+    xr, rest = xf[..., : 2 * half], xf[..., 2 * half :]
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        xr = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., :half], xr[..., half:]
+        xr = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((xr, rest), dim=-1)
+
+
+def _append(cache: Tensor, new: Tensor, rows: Tensor, slots: Tensor, block_table: Optional[Tensor]) -> None:
+    """cache[row, slot] = new (b, s_new, h, d) in place, slots (b, s_new) logical positions.
+
+    Indices are computed on device and written with one index_put_, so no value reaches the host.
+    """
+    if block_table is None:
+        cache.index_put_((rows[:, None].expand_as(slots), slots), new.to(cache.dtype))
+    else:
+        page = cache.shape[1]
+        blocks = block_table.long().gather(1, slots // page)
+        cache.index_put_((blocks, slots % page), new.to(cache.dtype))
+
+
+def _key_slice(idx: RowIndex, cols: slice) -> RowIndex:
+    return RowIndex(
+        idx.seq_q, idx.pos_q, idx.aligned_q, idx.seq_k[:, cols], idx.pos_k[:, cols], idx.valid_k[:, cols], False
+    )
+
+
+def fwd_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, c: KVCacheArgs) -> tuple[Tensor, Tensor]:
+    """The `flexattn::fwd_kvcache` op: appends c.k/c.v to the caches in place, then attends q to
+    every valid cache slot. Returns out (b, sq, hq, dv) in q's dtype and lse (b, hq, sq) float32.
+
+    Per sequence the valid slots are [leftpad, cache_seqlens + s_new); logical key positions (for
+    masks, ALiBi and rotary) count from leftpad. Everything is masks over the full cache length.
+    """
+    b, sq = q.shape[:2]
+    dev = q.device
+    s_new = 0 if c.k is None else c.k.shape[1]
+    paged = c.block_table is not None
+    cache_len = c.block_table.shape[1] * k_cache.shape[1] if c.block_table is not None else k_cache.shape[1]
+    seqlens = torch.full((b,), cache_len, device=dev) if c.cache_seqlens is None else c.cache_seqlens.long()
+    leftpad = torch.zeros(b, dtype=torch.long, device=dev) if c.cache_leftpad is None else c.cache_leftpad.long()
+    rows = torch.arange(b, device=dev) if c.cache_batch_idx is None else c.cache_batch_idx.long()
+    if c.k is not None and c.v is not None:
+        k_new = c.k
+        start = (seqlens - leftpad)[:, None]
+        if c.rotary_cos is not None and c.rotary_sin is not None:
+            last = c.rotary_cos.shape[0] - 1
+            k_pos = (start + torch.arange(s_new, device=dev)).clamp(0, last)
+            # flash-attn: without a causal/local mask every query sits at the first new position.
+            local = c.window_left >= 0 or c.window_right >= 0
+            q_pos = (start + torch.arange(sq, device=dev) * int(local)).clamp(0, last)
+            k_new = rotary(k_new, c.rotary_cos, c.rotary_sin, k_pos, c.rotary_interleaved)
+            q = rotary(q, c.rotary_cos, c.rotary_sin, q_pos, c.rotary_interleaved).to(q.dtype)
+        slots = seqlens[:, None] + torch.arange(s_new, device=dev)
+        _append(k_cache, k_new, rows, slots, c.block_table)
+        _append(v_cache, c.v, rows, slots, c.block_table)
+    if paged:
+        assert c.block_table is not None
+        pages = c.block_table.long()
+        keys = k_cache[pages].reshape(b, cache_len, *k_cache.shape[2:])
+        values = v_cache[pages].reshape(b, cache_len, *v_cache.shape[2:])
+    else:
+        keys, values = k_cache[rows], v_cache[rows]
+    end = seqlens + s_new
+    j = torch.arange(cache_len, device=dev)[None, :]
+    ar_q = torch.arange(sq, device=dev).expand(b, sq)
+    seq = torch.arange(b, device=dev)[:, None]
+    idx = RowIndex(
+        seq.expand(b, sq),
+        ar_q,
+        ar_q + (end - leftpad - sq)[:, None],
+        seq.expand(b, cache_len),
+        j - leftpad[:, None],
+        (j >= leftpad[:, None]) & (j < end[:, None]),
+        False,
+    )
+    out, lse = _split_kv_attention(q, keys, values, idx, c.attn_args(), num_splits_for(c.num_splits, cache_len))
+    return out.to(q.dtype).contiguous(), lse.contiguous()
+
+
+def _split_kv_attention(
+    q: Tensor, k: Tensor, v: Tensor, idx: RowIndex, a: AttnArgs, splits: int
+) -> tuple[Tensor, Tensor]:
+    """`_forward_core` over `splits` key chunks merged with `combine` (split-KV decoding).
+
+    Sinks belong to the whole row, not to any chunk, so they are folded into the merged lse once.
+    """
+    if splits == 1:
+        out, lse, _ = _forward_core(q, k, v, idx, a, None)
+        return out, lse
+    chunk = -(-k.shape[1] // splits)
+    no_sinks = a._replace(sinks=None)
+    outs, lses = [], []
+    for j0 in range(0, k.shape[1], chunk):
+        cols = slice(j0, j0 + chunk)
+        o, lse_part, _ = _forward_core(q, k[:, cols], v[:, cols], _key_slice(idx, cols), no_sinks, None)
+        outs.append(o)
+        lses.append(lse_part.transpose(1, 2))  # (B, Sq, Hq) to match o's (B, Sq, Hq, Dv)
+    out, lse = combine(torch.stack(outs), torch.stack(lses))
+    lse = lse.transpose(1, 2)
+    if a.sinks is not None:
+        with_sink = torch.logaddexp(lse, a.sinks.float()[None, :, None])
+        out = out * torch.exp(lse - with_sink).transpose(1, 2)[..., None]
+        lse = with_sink
+    return out, lse

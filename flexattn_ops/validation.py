@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flexattn_ops.params import AttnArgs
+from flexattn_ops.params import AttnArgs, KVCacheArgs
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -177,3 +177,138 @@ def check_backward(dout: Tensor, q: Tensor, v: Tensor, out: Tensor, lse: Tensor,
         _fail("softmax_lse", f"shape {expected_lse}", tuple(lse.shape))
     check_dtype("softmax_lse", lse, (torch.float32,))
     check_same_device(q, dout=dout, out=out, softmax_lse=lse)
+
+
+def check_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, c: KVCacheArgs) -> None:
+    """Validate the inputs of `fwd_kvcache` (see `KVCacheArgs` for the shapes)."""
+    check_dtype("q", q, FLOAT_DTYPES)
+    check_rank("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
+    paged = c.block_table is not None
+    layout = (
+        "(num_blocks, page_size, nheads_k, headdim) with block_table"
+        if paged
+        else "(batch_cache, seqlen_cache, nheads_k, headdim)"
+    )
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            _fail(name, f"the dtype of q ({q.dtype})", t.dtype, TypeError)
+        check_rank(name, t, 4, layout)
+        # The caches are written in place, so the wrapper cannot copy them to a friendlier layout.
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            _fail(name, "a cache with a contiguous last dimension (stride 1)", f"strides {tuple(t.stride())}")
+    check_same_device(
+        q,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        k=c.k,
+        v=c.v,
+        rotary_cos=c.rotary_cos,
+        rotary_sin=c.rotary_sin,
+        cache_seqlens=c.cache_seqlens,
+        cache_batch_idx=c.cache_batch_idx,
+        cache_leftpad=c.cache_leftpad,
+        block_table=c.block_table,
+        alibi_slopes=c.alibi_slopes,
+        sinks=c.sinks,
+    )
+    batch, _, hq, dqk = q.shape
+    if k_cache.shape[:2] != v_cache.shape[:2]:
+        _fail("v_cache", f"the leading shape of k_cache {tuple(k_cache.shape[:2])}", tuple(v_cache.shape[:2]))
+    if k_cache.shape[-1] != dqk:
+        _fail("k_cache", f"head dim {dqk} (that of q)", k_cache.shape[-1])
+    if v_cache.shape[-1] < 1:
+        _fail("v_cache", "a head dim >= 1", v_cache.shape[-1])
+    check_heads(hq, k_cache.shape[2], v_cache.shape[2])
+    if paged:
+        assert c.block_table is not None
+        check_index_tensor("block_table", c.block_table, 2, "(batch, max_blocks) page indices")
+        if c.block_table.shape[0] != batch:
+            _fail("block_table", f"{batch} rows (the batch size of q)", c.block_table.shape[0])
+        if c.cache_batch_idx is not None:
+            _fail(
+                "cache_batch_idx", "None with a paged cache (block_table already maps sequences to pages)", "a tensor"
+            )
+        cache_len = c.block_table.shape[1] * k_cache.shape[1]
+    else:
+        if c.cache_batch_idx is None and k_cache.shape[0] != batch:
+            _fail(
+                "k_cache",
+                f"batch size {batch} (that of q; pass cache_batch_idx to use other cache rows)",
+                k_cache.shape[0],
+            )
+        cache_len = k_cache.shape[1]
+    for name in ("cache_seqlens", "cache_batch_idx", "cache_leftpad"):
+        t = getattr(c, name)
+        if t is not None:
+            check_index_tensor(name, t, 1, "(batch,)")
+            if t.shape[0] != batch:
+                _fail(name, f"shape ({batch},) (one entry per sequence of q)", tuple(t.shape))
+    if (c.k is None) != (c.v is None):
+        _fail("k/v", "both new k and v, or neither", f"k={_given(c.k)}, v={_given(c.v)}")
+    if c.k is not None and c.v is not None:
+        if c.cache_seqlens is None:
+            _fail("cache_seqlens", "an int or (batch,) int32 tensor when k/v are appended", None)
+        for name, t, cache in (("k", c.k, k_cache), ("v", c.v, v_cache)):
+            if t.dtype != q.dtype:
+                _fail(name, f"the dtype of q ({q.dtype})", t.dtype, TypeError)
+            check_rank(name, t, 4, "(batch, seqlen_new, nheads_k, headdim)")
+            expected = (batch, c.k.shape[1], cache.shape[2], cache.shape[3])
+            if tuple(t.shape) != expected:
+                _fail(name, f"shape {expected} (batch of q, heads and head dim of {name}_cache)", tuple(t.shape))
+    check_rotary(c, dqk, cache_len, q.dtype)
+    check_window(c.window_left, c.window_right)
+    if not c.softcap >= 0.0:
+        _fail("softcap", "a float >= 0", c.softcap)
+    if c.num_splits < 0:
+        _fail("num_splits", "an int >= 0 (0 = heuristic)", c.num_splits)
+    if c.alibi_slopes is not None:
+        check_dtype("alibi_slopes", c.alibi_slopes, (torch.float32,))
+        if tuple(c.alibi_slopes.shape) not in ((hq,), (batch, hq)):
+            _fail("alibi_slopes", f"shape ({hq},) or ({batch}, {hq})", tuple(c.alibi_slopes.shape))
+    if c.sinks is not None:
+        check_dtype("sinks", c.sinks, FLOAT_DTYPES)
+        if tuple(c.sinks.shape) != (hq,):
+            _fail("sinks", f"shape ({hq},) (one logit per query head)", tuple(c.sinks.shape))
+
+
+def check_rotary(c: KVCacheArgs, headdim: int, cache_len: int, dtype: torch.dtype) -> None:
+    """rotary_cos/sin: (seqlen_ro >= cache length, rotary_dim / 2) in q's dtype, rotary_dim <= headdim."""
+    cos, sin = c.rotary_cos, c.rotary_sin
+    if cos is None and sin is None:
+        return
+    if cos is None or sin is None:
+        _fail("rotary_cos/rotary_sin", "both or neither", f"rotary_cos={_given(cos)}, rotary_sin={_given(sin)}")
+    assert cos is not None and sin is not None
+    if c.k is None:
+        _fail("k/v", "new k and v when rotary_cos/rotary_sin are given (rotary applies to appended keys)", None)
+    for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
+        if t.dtype != dtype:
+            _fail(name, f"the dtype of q ({dtype})", t.dtype, TypeError)
+        check_rank(name, t, 2, "(seqlen_ro, rotary_dim / 2)")
+    if sin.shape != cos.shape:
+        _fail("rotary_sin", f"the shape of rotary_cos {tuple(cos.shape)}", tuple(sin.shape))
+    if not 1 <= 2 * cos.shape[1] <= headdim:
+        _fail("rotary_cos", f"rotary_dim / 2 columns with 2 <= rotary_dim <= headdim {headdim}", tuple(cos.shape))
+    if cos.shape[0] < cache_len:
+        _fail("rotary_cos", f"at least {cache_len} rows (the cache length; positions index them)", cos.shape[0])
+
+
+def check_combine(out_partial: Tensor, lse_partial: Tensor) -> None:
+    """out_partial (num_splits, ..., dv) float, lse_partial (num_splits, ...) float32."""
+    check_dtype("out_partial", out_partial, FLOAT_DTYPES)
+    check_dtype("lse_partial", lse_partial, (torch.float32,))
+    if out_partial.dim() < 2:
+        _fail("out_partial", "a tensor (num_splits, ..., headdim) of rank >= 2", f"shape {tuple(out_partial.shape)}")
+    if out_partial.shape[0] < 1:
+        _fail("out_partial", "at least one split", f"shape {tuple(out_partial.shape)}")
+    if lse_partial.shape != out_partial.shape[:-1]:
+        _fail(
+            "lse_partial",
+            f"shape {tuple(out_partial.shape[:-1])} (out_partial's without headdim)",
+            tuple(lse_partial.shape),
+        )
+    check_same_device(out_partial, lse_partial=lse_partial)
+
+
+def _given(t: Optional[Tensor]) -> str:
+    return "None" if t is None else "a tensor"

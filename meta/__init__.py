@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flexattn_ops.params import AttnArgs
-from flexattn_ops.validation import check_attention, check_backward
+from flexattn_ops.params import AttnArgs, KVCacheArgs
+from flexattn_ops.validation import check_attention, check_backward, check_combine, check_kvcache
 
 
 def out_and_lse_shapes(q: Tensor, v: Tensor, a: AttnArgs) -> tuple[tuple, tuple]:
@@ -46,3 +46,20 @@ def bwd_fake(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     )
     dsink = q.new_empty(a.sinks.shape, dtype=a.sinks.dtype) if a.sinks is not None else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, dsink
+
+
+def fwd_kvcache_fake(q: Tensor, k_cache: Tensor, v_cache: Tensor, *args) -> tuple[Tensor, Tensor]:
+    """out (b, sq, hq, dv) in q's dtype, lse (b, hq, sq) float32, both contiguous; caches mutate in place."""
+    c = KVCacheArgs(*args)
+    check_kvcache(q, k_cache, v_cache, c)
+    b, sq, hq, _ = q.shape
+    return q.new_empty((b, sq, hq, v_cache.shape[-1])), q.new_empty((b, hq, sq), dtype=torch.float32)
+
+
+def combine_fake(out_partial: Tensor, lse_partial: Tensor) -> tuple[Tensor, Tensor]:
+    """out (..., dv) and lse (...), float32 and contiguous."""
+    check_combine(out_partial, lse_partial)
+    return (
+        out_partial.new_empty(out_partial.shape[1:], dtype=torch.float32),
+        lse_partial.new_empty(lse_partial.shape[1:], dtype=torch.float32),
+    )
