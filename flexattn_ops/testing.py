@@ -98,15 +98,18 @@ def assert_close_to_oracle(
     assert err <= factor * base + atol, f"{name}: max error {err:.3g} > {factor} x baseline {base:.3g} + {atol:g}"
 
 
-def assert_rel_close(name: str, ours: Tensor, oracle: Tensor, rtol: float = 1e-5) -> None:
-    """max |ours - oracle| <= rtol * max |oracle| (float32 paths against the float64 oracle)."""
+def assert_rel_close(name: str, ours: Tensor, oracle: Tensor, rtol: float = 1e-5, atol: float = 2e-6) -> None:
+    """max |ours - oracle| <= rtol * max |oracle| + atol (float32 paths against the float64 oracle).
+
+    The atol covers float32 rounding (~1e-7 per op) where the oracle is exactly 0, e.g. dq with one key.
+    """
     finite = torch.isfinite(oracle)
     assert torch.equal(torch.isfinite(ours), finite), f"{name}: infinities differ from the oracle"
     if finite.sum() == 0:
         return
     err = (ours.double() - oracle.double())[finite].abs().max().item()
     ref = oracle.double()[finite].abs().max().item()
-    assert err <= rtol * max(ref, 1e-6), f"{name}: max error {err:.3g} > {rtol:g} x max |oracle| {ref:.3g}"
+    assert err <= rtol * ref + atol, f"{name}: max error {err:.3g} > {rtol:g} x max |oracle| {ref:.3g} + {atol:g}"
 
 
 def rotary_ref(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool) -> Tensor:

@@ -1,0 +1,37 @@
+"""Shared test set-up: fresh random seeds, an isolated Inductor cache, and input factories."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+# Each run draws fresh inputs; the seed is printed so a failure can be replayed with
+# FLEXATTN_TEST_SEED=<seed>.
+SEED = int(os.environ.get("FLEXATTN_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"flexattn_ops test seed: {SEED} (replay with FLEXATTN_TEST_SEED={SEED})"
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed(SEED + hash(request.node.nodeid) % 100_000)
+
+
+@pytest.fixture
+def inductor_cache(tmp_path, monkeypatch):
+    """A fresh TORCHINDUCTOR_CACHE_DIR: the Inductor cache does not notice changes to our fakes."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    yield tmp_path
+    torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def _default_backend(monkeypatch):
+    """Tests choose backends explicitly; a FLEXATTN_BACKEND from the shell must not leak in."""
+    monkeypatch.delenv("FLEXATTN_BACKEND", raising=False)
