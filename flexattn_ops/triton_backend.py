@@ -55,6 +55,20 @@ def _bias4(a: AttnArgs) -> tuple[Optional[Tensor], tuple[int, int, int, int]]:
     return bias4, strides  # type: ignore[return-value]
 
 
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot precision: exact float32 products for float32 inputs (tf32 would miss the oracle tolerance)."""
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.bfloat16 and tuning.interpreting():
+        return "upcast"  # the interpreter's dot mis-reads bfloat16 tiles (see triton_common.mm)
+    return "tf32"  # ignored for 16-bit inputs
+
+
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Kernels write float32 in "upcast" mode and the host rounds (to nearest, unlike the interpreter)."""
+    return torch.float32 if _precision(dtype) == "upcast" else dtype
+
+
 def _common(q: Tensor, a: AttnArgs) -> dict:
     """Scalar kernel arguments and feature flags shared by every kernel."""
     has_alibi = a.alibi_slopes is not None
@@ -70,7 +84,7 @@ def _common(q: Tensor, a: AttnArgs) -> dict:
         "HAS_ALIBI": has_alibi,
         "HAS_BIAS": a.attn_bias is not None,
         "HAS_DROPOUT": a.dropout_p > 0,
-        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "PRECISION": _precision(q.dtype),
         "stride_ab": (a.alibi_slopes.stride(0) if a.alibi_slopes.dim() == 2 else 0) if has_alibi else 0,
     }
 
@@ -94,10 +108,10 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> tuple[Tensor, Tensor]:
     """q (b, sq, hq, dqk), k (b, sk, hk, dqk), v (b, sk, hv, dv) -> out (b, sq, hq, dv), lse (b, hq, sq) f32."""
     b, sq, hq, dqk = q.shape
     sk, hk, hv, dv = k.shape[1], k.shape[2], v.shape[2], v.shape[3]
-    out = q.new_empty((b, sq, hq, dv))
+    out = q.new_empty((b, sq, hq, dv), dtype=_store_dtype(q.dtype))
     lse = q.new_empty((b, hq, sq), dtype=torch.float32)
     if b * hq * sq == 0:
-        return out, lse
+        return out.to(q.dtype), lse
     c = _common(q, a)
     bias4, bstr = _bias4(a)
 
@@ -148,7 +162,7 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> tuple[Tensor, Tensor]:
         )
 
     launch(tuning.get_config("fwd", q.device, q.dtype, dqk, dv, a.is_causal, launch))
-    return out, lse
+    return out.to(q.dtype), lse
 
 
 def probs(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> Tensor:
@@ -213,10 +227,10 @@ def bwd(
     b, sq, hq, dqk = q.shape
     sk, hk, hv, dv = k.shape[1], k.shape[2], v.shape[2], v.shape[3]
     lse = lse.contiguous()  # (b, hq, sq) row-major is what the kernels index
-    dq = q.new_empty(q.shape)
+    dq = q.new_empty(q.shape, dtype=_store_dtype(q.dtype))
     want_dbias = bias_requires_grad and a.attn_bias is not None
     if b * hq * sq == 0 or sk == 0:
-        dq.zero_()
+        dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         dbias = torch.zeros(a.attn_bias.shape, dtype=a.attn_bias.dtype, device=q.device) if want_dbias else None
         dsink = torch.zeros(a.sinks.shape, dtype=a.sinks.dtype, device=q.device) if a.sinks is not None else None
         dk0 = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
@@ -239,8 +253,8 @@ def bwd(
     grouped = hk == hv
     if grouped:
         n_groups, group = hk, hq // hk
-        dk_buf = torch.empty((b, sk, hk, dqk), dtype=k.dtype, device=q.device)
-        dv_buf = torch.empty((b, sk, hv, dv), dtype=v.dtype, device=q.device)
+        dk_buf = torch.empty((b, sk, hk, dqk), dtype=_store_dtype(k.dtype), device=q.device)
+        dv_buf = torch.empty((b, sk, hv, dv), dtype=_store_dtype(v.dtype), device=q.device)
     else:
         n_groups, group = hq, 1
         dk_buf = torch.empty((b, sk, hq, dqk), dtype=torch.float32, device=q.device)
@@ -298,7 +312,7 @@ def bwd(
 
     launch_dkdv(tuning.get_config("dkdv", q.device, q.dtype, dqk, dv, a.is_causal, launch_dkdv))
     if grouped:
-        dk, dvv = dk_buf, dv_buf
+        dk, dvv = dk_buf.to(k.dtype), dv_buf.to(v.dtype)
     else:
         # deterministic reduction over the query heads reading each k / v head
         dk = dk_buf.view(b, sk, hk, hq // hk, dqk).sum(3).to(k.dtype)
@@ -367,4 +381,4 @@ def bwd(
         # dsink_h = -sum_{b,i} exp(sink_h - lse_bhi) * delta_bhi (the sink's probability times rowsum(dO * O))
         p_sink = torch.exp(a.sinks.float()[None, :, None] - lse)
         dsink = (-(p_sink * delta).sum((0, 2))).to(a.sinks.dtype)
-    return dq, dk, dvv, dbias, dsink
+    return dq.to(q.dtype), dk, dvv, dbias, dsink

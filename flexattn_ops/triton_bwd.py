@@ -23,8 +23,10 @@ from flexattn_ops.triton_common import (
     dropout_key,
     keep_mask,
     key_tile_bounds,
+    mm,
     query_tile_bounds,
     score_mods,
+    to_operand,
 )
 
 
@@ -131,7 +133,7 @@ def _dkdv_inner(
         do = tl.load(DO_head + rows * stride_dos + offs_dv[None, :], mask=do_mask, other=0.0)
         # a fully masked row has lse = -inf and must give p = 0: use +inf there
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        qk_t = mm(k, tl.trans(q), PRECISION)
         t = 0.0
         if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
             bias = 0.0
@@ -146,18 +148,18 @@ def _dkdv_inner(
         p_t = tl.math.exp2(s - lse2[None, :])
         if MASKED:
             p_t = tl.where(keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT, HAS_RIGHT), p_t, 0.0)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dp_t = mm(v, tl.trans(do), PRECISION)
         if HAS_DROPOUT:
             kept = dropout_keep(drop_key, bh, i, j, drop_threshold)
             pd_t = tl.where(kept, p_t * drop_rescale, 0.0)
             dp_t = tl.where(kept, dp_t * drop_rescale, 0.0)
         else:
             pd_t = p_t
-        dv += tl.dot(pd_t.to(do.dtype), do, input_precision=PRECISION)
+        dv += mm(to_operand(pd_t, do, PRECISION), do, PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         if HAS_SOFTCAP:
             ds_t = ds_t * (1.0 - t * t)
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        dk += mm(to_operand(ds_t, q, PRECISION), q, PRECISION)
     return dk, dv
 
 
@@ -475,7 +477,7 @@ def _dq_inner(
         cols = offs_n[:, None].to(tl.int64)
         k = tl.load(K_head + cols * stride_ks + offs_dk[None, :], mask=k_mask, other=0.0)
         v = tl.load(V_head + cols * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        qk = mm(q, tl.trans(k), PRECISION)
         t = 0.0
         if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
             bias = 0.0
@@ -490,7 +492,7 @@ def _dq_inner(
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             p = tl.where(keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT, HAS_RIGHT), p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = mm(do, tl.trans(v), PRECISION)
         if HAS_DROPOUT:
             dp = tl.where(dropout_keep(drop_key, bh, i, j, drop_threshold), dp * drop_rescale, 0.0)
         ds = p * (dp - delta[:, None])
@@ -498,7 +500,7 @@ def _dq_inner(
             tl.store(DBias_bh + i.to(tl.int64) * sk + j, ds, mask=(i < sq) & (j < sk))
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += mm(to_operand(ds, k, PRECISION), k, PRECISION)
     return dq
 
 

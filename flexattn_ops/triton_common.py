@@ -17,6 +17,26 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def mm(a, b, PRECISION: tl.constexpr):
+    """tl.dot with the backend's precision. "upcast" (the interpreter with bfloat16, whose numpy dot
+    reads bfloat16 tiles as raw integers in Triton 3.9) multiplies in float32 instead."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def to_operand(x, like, PRECISION: tl.constexpr):
+    """Cast a float32 tile to the dtype of the matmul operand `like` (kept float32 in "upcast" mode, where
+    the interpreter's float32 -> bfloat16 conversion does not round to nearest)."""
+    if PRECISION == "upcast":
+        return x
+    else:
+        return x.to(like.dtype)
+
+
+@triton.jit
 def fmix32(x):
     """MurmurHash3's finaliser on uint32 (multiplication wraps mod 2**32), as reference.fmix32."""
     x = x ^ (x >> 16)

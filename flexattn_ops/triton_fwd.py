@@ -19,7 +19,9 @@ from flexattn_ops.triton_common import (
     dropout_key,
     keep_mask,
     key_tile_bounds,
+    mm,
     score_mods,
+    to_operand,
 )
 
 
@@ -77,7 +79,7 @@ def _fwd_inner(
             k_mask = k_mask & (offs_n[:, None] < sk)
             v_mask = v_mask & (offs_n[:, None] < sk)
         k = tl.load(K_head + offs_n[:, None] * stride_ks + offs_dk[None, :], mask=k_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        qk = mm(q, tl.trans(k), PRECISION)
         if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
             bias = 0.0
             if HAS_BIAS:
@@ -100,7 +102,7 @@ def _fwd_inner(
         if HAS_DROPOUT:
             p = tl.where(dropout_keep(drop_key, bh, i, j, drop_threshold), p, 0.0)
         v = tl.load(V_head + offs_n[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + mm(to_operand(p, v, PRECISION), v, PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -391,7 +393,7 @@ def attn_probs_kernel(
         mask=(offs_n[:, None] < sk) & (offs_d[None, :] < DQK),
         other=0.0,
     )
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    qk = mm(q, tl.trans(k), PRECISION)
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(

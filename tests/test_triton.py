@@ -1,0 +1,131 @@
+"""The Triton kernels under TRITON_INTERPRET=1 on small CPU tensors: every feature against the oracle.
+
+TRITON_INTERPRET is read when `@triton.jit` decorates, so it is set here, before anything imports
+`flexattn_ops.triton_backend` (dispatch imports it lazily, at the first Triton call). Outputs are
+poisoned: torch fills uninitialised memory with NaN under deterministic algorithms, so an element a
+kernel forgets to write shows up as NaN. Shapes are tiny (the interpreter runs ~1000x slower than
+compiled code) and odd (1, 17, 33, 113; head dims 40, 72, 111) so every masked tile path runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from tests.triton_cases import Case, backward_twice_equal, check_case  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+
+
+@pytest.fixture(autouse=True)
+def _triton_and_poison(monkeypatch):
+    monkeypatch.setenv("FLEXATTN_BACKEND", "triton")
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev)
+
+
+CASES = {
+    "plain_f32": Case(),
+    "plain_bf16_odd": Case(dtype=BF16, sq=33, sk=17, d=40, dv=40),
+    "f16_hd72": Case(dtype=F16, sq=19, sk=29, d=72, dv=72, b=1),
+    "causal_sq_lt_sk": Case(causal=True, sq=17, sk=40),
+    "causal_sq_gt_sk_masked_rows": Case(causal=True, sq=40, sk=17, b=1),
+    "window": Case(window=(5, 3), sq=40, sk=45),
+    "window_left_only": Case(window=(7, -1), sq=33, sk=33),
+    "window_right_only_neg_off": Case(window=(-1, 2), sq=45, sk=20, b=1),
+    "softcap": Case(softcap=3.0, scale=0.5, dtype=BF16),
+    "alibi_h_causal": Case(alibi="h", causal=True, sq=20, sk=35),
+    "alibi_bh": Case(alibi="bh", sq=1, sk=33),
+    "bias_full": Case(bias=(2, 2, 17, 33)),
+    "bias_broadcast_b_h": Case(bias=(1, 1, 17, 33), causal=True),
+    "bias_2d_rows": Case(bias=(17, 1)),
+    "bias_3d_bf16": Case(bias=(2, 1, 33), dtype=BF16),
+    "bias_no_grad": Case(bias=(1, 2, 17, 33), bias_grad=False),
+    "sinks": Case(sinks=True, sq=20, sk=24),
+    "sinks_causal_masked_rows": Case(sinks=True, causal=True, sq=30, sk=12, b=1),
+    "dropout": Case(dropout_p=0.3, sq=20, sk=37),
+    "dropout_causal_bf16": Case(dropout_p=0.17, causal=True, dtype=BF16, sq=24, sk=24),
+    "gqa": Case(hq=4, hk=2, hv=2),
+    "mqa": Case(hq=4, hk=1, hv=1, causal=True),
+    "hk_ne_hv": Case(hq=4, hk=2, hv=1, d=24, dv=40),
+    "dqk_ne_dv_111_40": Case(d=111, dv=40, b=1, sq=13, sk=21),
+    "dqk_192_dv_128": Case(d=192, dv=128, b=1, hq=1, hk=1, hv=1, sq=9, sk=18),
+    "dqk_32_dv_64_bf16": Case(d=32, dv=64, dtype=BF16),
+    "tiny_dims_8": Case(d=8, dv=8, sq=1, sk=1),
+    "long_113": Case(b=1, hq=1, hk=1, hv=1, sq=113, sk=70, causal=True, d=16, dv=16),
+    "permuted": Case(layout="permuted", causal=True, bias=(2, 2, 17, 33)),
+    "sliced": Case(layout="sliced", hq=2, hk=1, hv=2, window=(4, 4)),
+    "everything": Case(
+        hq=4,
+        hk=2,
+        hv=1,
+        d=40,
+        dv=24,
+        window=(9, 2),
+        softcap=5.0,
+        alibi="bh",
+        bias=(2, 1, 17, 33),
+        sinks=True,
+        dropout_p=0.2,
+        layout="permuted",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_against_oracle(name: str) -> None:
+    check_case(CASES[name], "cpu")
+
+
+def test_deterministic_bitwise() -> None:
+    backward_twice_equal(
+        Case(hq=4, hk=1, hv=2, causal=True, bias=(1, 4, 17, 33), dropout_p=0.1, deterministic=True), "cpu"
+    )
+
+
+def test_probs_match_reference_and_dropout_mask() -> None:
+    from flexattn_ops import reference
+    from tests.triton_cases import attn_args, dropout_mask, make_inputs
+
+    c = Case(dropout_p=0.25, window=(6, 1), softcap=4.0, alibi="h", bias=(1, 2, 17, 33), sinks=True)
+    q, k, v, slopes, bias, sinks, rng, _ = make_inputs(c, "cpu")
+    a = attn_args(c, slopes, bias, sinks, rng)
+    p = torch.ops.flexattn.probs(q, k, v, *a)
+    p_ref = reference.probs(q, k, v, a)
+    torch.testing.assert_close(p.abs(), p_ref.abs(), atol=1e-6, rtol=1e-5)
+    keep = dropout_mask(c, rng)
+    assert torch.equal(p < 0, (~keep) & (p_ref.abs() > 0))
+
+
+def test_unsupported_reasons() -> None:
+    from flexattn_ops import triton_backend
+    from flexattn_ops.params import AttnArgs
+
+    q = torch.randn(1, 4, 1, 16)
+    assert triton_backend.unsupported("fwd", q, q, q, AttnArgs()) is None
+    big = torch.randn(1, 4, 1, 300)
+    assert "head dim" in triton_backend.unsupported("fwd", big, big, big, AttnArgs())
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    assert "varlen" in triton_backend.unsupported("fwd", q[0], q[0], q[0], AttnArgs(cu_seqlens_q=cu, cu_seqlens_k=cu))
+    assert triton_backend.unsupported("fwd", q.double(), q.double(), q.double(), AttnArgs()) is not None
+
+
+def test_tuning_cache_roundtrip(tmp_path, monkeypatch) -> None:
+    from flexattn_ops import triton_tuning
+
+    monkeypatch.setenv("FLEXATTN_CACHE_DIR", str(tmp_path))
+    triton_tuning._save_disk("k1", {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2})
+    assert triton_tuning._load_disk()["k1"]["BLOCK_N"] == 32
+    assert triton_tuning.get_config("fwd", torch.device("cpu"), F32, 40, 72, False) == triton_tuning.INTERPRET_CONFIG
+    assert len(triton_tuning.candidates("fwd", BF16, 128, 128)) >= 4
