@@ -96,10 +96,11 @@ def flash_attn_func(
     attn_bias: Optional[Tensor] = None,
     sinks: Optional[Tensor] = None,
 ) -> AttnOutput:
-    """Attention over dense batches.
+    """Attention over dense batches, or jagged nested ones (then the varlen path).
 
     Args:
-        q: (batch, seqlen_q, nheads, headdim_qk).
+        q: (batch, seqlen_q, nheads, headdim_qk); or q, k, v all jagged nested tensors
+            (layout=torch.jagged, ragged in dim 1), giving a nested out with q's offsets.
         k: (batch, seqlen_k, nheads_k, headdim_qk); nheads % nheads_k == 0.
         v: (batch, seqlen_k, nheads_v, headdim_v); nheads % nheads_v == 0 (may differ from nheads_k).
         dropout_p: dropout probability (pass 0.0 in evaluation).
@@ -118,10 +119,88 @@ def flash_attn_func(
         (batch, nheads, seqlen_q) float32 and probs (batch, nheads, seqlen_q, seqlen_k), dropped
         entries negated.
     """
+    if q.is_nested or k.is_nested or v.is_nested:
+        return _nested_attention(
+            q,
+            k,
+            v,
+            dropout_p,
+            softmax_scale,
+            causal,
+            window_size,
+            softcap,
+            alibi_slopes,
+            deterministic,
+            return_attn_probs,
+            attn_bias,
+            sinks,
+        )
     a = _attn_args(
         q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, attn_bias, sinks
     )
     return _attention(q, k, v, a, return_attn_probs)
+
+
+def _nested_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dropout_p: float,
+    softmax_scale: Optional[float],
+    causal: bool,
+    window_size: Sequence[int],
+    softcap: float,
+    alibi_slopes: Optional[Tensor],
+    deterministic: bool,
+    return_attn_probs: bool,
+    attn_bias: Optional[Tensor],
+    sinks: Optional[Tensor],
+) -> Tensor:
+    """`flash_attn_func` on jagged nested q (batch, seqlen_q*, nheads, d), k/v (batch, seqlen_k*, h, d):
+    the varlen path on their packed values, the output nested with q's offsets (so autograd flows
+    back through `values()` to the nested inputs)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not (t.is_nested and t.layout == torch.jagged):
+            got = f"a nested tensor with layout {t.layout}" if t.is_nested else "a dense tensor"
+            raise TypeError(f"{name}: expected a jagged nested tensor (layout=torch.jagged) like the others, got {got}")
+        ragged = getattr(t, "_ragged_idx", 1)
+        if t.dim() != 4 or ragged != 1:
+            raise ValueError(
+                f"{name}: expected a jagged (batch, seqlen*, nheads, headdim) tensor ragged in dim 1, "
+                f"got {t.dim()} dims ragged in dim {ragged}"
+            )
+        if getattr(t, "_lengths", None) is not None:
+            raise ValueError(f"{name}: expected a contiguous jagged tensor (offsets only), got one with holes")
+    if k.size(0) != q.size(0) or v.size(0) != q.size(0):
+        raise ValueError(f"k/v: expected batch size {q.size(0)} (that of q), got {k.size(0)} and {v.size(0)}")
+    # v's lengths cannot be compared with k's without reading offsets on the host; the totals can.
+    if v.values().shape[0] != k.values().shape[0]:
+        raise ValueError(
+            f"v: expected the sequence lengths of k (total {k.values().shape[0]}), got total {v.values().shape[0]}"
+        )
+    if attn_bias is not None:
+        raise ValueError("attn_bias: expected None with nested inputs (varlen path), got a tensor")
+    if return_attn_probs:
+        raise NotImplementedError("return_attn_probs: only dense (not nested) inputs are supported")
+    out = flash_attn_varlen_func(
+        q.values(),
+        k.values(),
+        v.values(),
+        q.offsets().to(torch.int32),
+        k.offsets().to(torch.int32),
+        q._get_max_seqlen(),
+        k._get_max_seqlen(),
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        sinks=sinks,
+    )
+    assert isinstance(out, Tensor)
+    return torch.nested.nested_tensor_from_jagged(out, q.offsets(), max_seqlen=q._get_max_seqlen())
 
 
 def flash_attn_qkvpacked_func(
