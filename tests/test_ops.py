@@ -1,0 +1,73 @@
+"""`torch.library.opcheck` on every op: schema, fake vs real (strides too), autograd registration,
+AOT dispatch with dynamic shapes. Contiguous, permuted-dense and sliced inputs, with and without
+requires_grad."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flexattn_ops  # noqa: F401  (registers the ops)
+from flexattn_ops.params import AttnArgs
+from tests.helpers import layouts, rand_qkv
+
+LAYOUTS = ["contiguous", "permuted", "sliced"]
+
+
+
+FEATURE_ARGS = {
+    "plain": lambda b, hq, sq, sk: AttnArgs(softmax_scale=0.3),
+    "causal_softcap": lambda b, hq, sq, sk: AttnArgs(softmax_scale=0.3, window_right=0, softcap=4.0),
+    "window_alibi": lambda b, hq, sq, sk: AttnArgs(softmax_scale=0.3, window_left=3, window_right=2,
+                                                   alibi_slopes=torch.rand(b, hq)),
+    "bias_sinks": lambda b, hq, sq, sk: AttnArgs(softmax_scale=0.3, attn_bias=torch.randn(1, hq, sq, sk),
+                                                 sinks=torch.randn(hq)),
+    "dropout": lambda b, hq, sq, sk: AttnArgs(softmax_scale=0.3, dropout_p=0.2,
+                                              rng_state=torch.tensor([7, 11], dtype=torch.int64)),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("feature", list(FEATURE_ARGS))
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_fwd(layout, feature, requires_grad):
+    b, sq, sk, hq = 2, 7, 11, 4
+    q, k, v = (layouts(x, layout).requires_grad_(requires_grad)
+               for x in rand_qkv(b, sq, sk, hq, 2, 1, 16, 24, torch.float32))
+    a = FEATURE_ARGS[feature](b, hq, sq, sk)
+    if requires_grad and a.attn_bias is not None:
+        a = a._replace(attn_bias=a.attn_bias.requires_grad_(), sinks=a.sinks.requires_grad_())
+    torch.library.opcheck(torch.ops.flexattn.fwd.default, (q, k, v, *a))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("feature", list(FEATURE_ARGS))
+def test_opcheck_bwd(layout, feature):
+    b, sq, sk, hq = 2, 7, 11, 4
+    q, k, v = (layouts(x, layout) for x in rand_qkv(b, sq, sk, hq, 2, 1, 16, 24, torch.float32))
+    a = FEATURE_ARGS[feature](b, hq, sq, sk)
+    out, lse = torch.ops.flexattn.fwd(q, k, v, *a)
+    dout = layouts(torch.randn_like(out), layout)
+    for bias_grad in (False, True):
+        torch.library.opcheck(torch.ops.flexattn.bwd.default, (dout, q, k, v, out, lse, *a, bias_grad))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck_probs(layout):
+    q, k, v = (layouts(x, layout) for x in rand_qkv(2, 5, 9, 2, 1, 1, 8, 8, torch.float32))
+    torch.library.opcheck(torch.ops.flexattn.probs.default, (q, k, v, *FEATURE_ARGS["dropout"](2, 2, 5, 9)))
+
+
+def test_fwd_output_strides_match_fake():
+    """The fake's strides are what the kernels return (contiguous), for every input layout."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for layout in LAYOUTS:
+        q, k, v = (layouts(x, layout) for x in rand_qkv(2, 5, 9, 4, 2, 2, 16, 8, torch.float32))
+        a = AttnArgs(softmax_scale=0.25)
+        out, lse = torch.ops.flexattn.fwd(q, k, v, *a)
+        with FakeTensorMode() as mode:
+            fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
+            fout, flse = torch.ops.flexattn.fwd(fq, fk, fv, *a)
+        assert out.stride() == fout.stride() and lse.stride() == flse.stride(), layout
+        assert out.is_contiguous() and lse.is_contiguous()
