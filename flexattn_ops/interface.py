@@ -17,7 +17,7 @@ from torch import Tensor
 from flexattn_ops import dispatch
 from flexattn_ops.params import AttnArgs, KVCacheArgs
 
-AttnOutput = Union[Tensor, tuple[Tensor, Tensor, Tensor]]
+AttnOutput = Union[Tensor, tuple[Tensor, Tensor, Optional[Tensor]]]
 
 
 def _last_dim_contiguous(x: Tensor) -> Tensor:
@@ -77,6 +77,12 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs, return_attn_probs: 
     out, lse = torch.ops.flexattn.fwd(q, k, v, *a)
     if not return_attn_probs:
         return out
+    if a.is_varlen:
+        # flash-attn's varlen functions return S_dmask = None unless dropout is on; callers (ring
+        # attention among them) use return_attn_probs=True just to get softmax_lse (hq, total_q).
+        if a.dropout_p > 0.0:
+            raise NotImplementedError("return_attn_probs with dropout_p > 0: only dense (not varlen) inputs")
+        return out, lse, None
     return out, lse, torch.ops.flexattn.probs(q, k, v, *a)
 
 
@@ -306,7 +312,8 @@ def flash_attn_varlen_func(
         Other arguments as `flash_attn_func`; causal and windows are per sequence, bottom-right.
 
     Returns:
-        out (total_q, nheads, headdim_v); with return_attn_probs also softmax_lse (nheads, total_q).
+        out (total_q, nheads, headdim_v); with return_attn_probs (out, softmax_lse (nheads, total_q)
+        float32, None) as flash-attn without dropout (probabilities are not returned for varlen).
     """
     a = _attn_args(
         q,

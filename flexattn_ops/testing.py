@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def attention_ref(
@@ -241,3 +242,24 @@ def kvcache_ref(
         )
         out[i], lse[i] = o[0], s[0]
     return out, lse, new_k_cache, new_v_cache
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on any op that reads a tensor value on the host (.item(), bool(t)) or makes a
+    data-dependent shape; ops run under it must be capturable in a CUDA graph. (CPU .tolist()
+    reads memory without dispatching: trace with torch.compile(fullgraph=True) to catch it.)"""
+
+    FORBIDDEN = (
+        "aten._local_scalar_dense",
+        "aten.nonzero",
+        "aten.masked_select",
+        "aten.unique_consecutive",
+        "aten._unique2",
+        "aten.repeat_interleave.Tensor",
+    )
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket._qualified_op_name).replace("::", ".")
+        if name in self.FORBIDDEN or f"{name}.{func._overloadname}" in self.FORBIDDEN:
+            raise AssertionError(f"host synchronisation: {func}")
+        return func(*args, **(kwargs or {}))

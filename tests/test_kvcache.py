@@ -10,12 +10,11 @@ from typing import Optional
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import flexattn_ops
 from flexattn_ops import flash_attn_with_kvcache, reference
 from flexattn_ops.params import AttnArgs, KVCacheArgs
-from flexattn_ops.testing import assert_close_to_oracle, assert_rel_close, kvcache_ref
+from flexattn_ops.testing import NoHostSync, assert_close_to_oracle, assert_rel_close, kvcache_ref
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -499,26 +498,13 @@ def test_opcheck_combine(layout, requires_grad):
 # No host synchronisation; compile and export
 
 
-class NoHostSync(TorchDispatchMode):
-    """Fails on any op that reads a tensor value on the host or makes a data-dependent shape."""
-
-    FORBIDDEN = {
-        torch.ops.aten._local_scalar_dense.default,
-        torch.ops.aten.nonzero.default,
-        torch.ops.aten.masked_select.default,
-        torch.ops.aten.unique_consecutive.default,
-        torch.ops.aten._unique2.default,
-    }
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.FORBIDDEN:
-            raise AssertionError(f"host synchronisation: {func}")
-        return func(*args, **(kwargs or {}))
-
-
 def test_no_sync_mode_catches_item():
+    """The mode sees .item() and data-dependent shapes; .tolist() on CPU bypasses the dispatcher, which
+    is why the compiled tests below also trace with fullgraph=True and scalar capture off."""
     with pytest.raises(AssertionError, match="host synchronisation"), NoHostSync():
         torch.ones(2).sum().item()
+    with pytest.raises(AssertionError, match="host synchronisation"), NoHostSync():
+        torch.ones(3).repeat_interleave(torch.tensor([1, 2, 0]))
 
 
 @pytest.mark.parametrize("paged", [False, True])

@@ -14,6 +14,7 @@ from flexattn_ops import (
 )
 from flexattn_ops.params import AttnArgs
 from flexattn_ops.testing import (
+    NoHostSync,
     assert_close_to_oracle,
     assert_rel_close,
     paged_to_packed,
@@ -296,3 +297,130 @@ def test_dropout_varlen_is_reproducible():
     assert torch.equal(out1, out2)
     no_drop, _ = torch.ops.flexattn.fwd(q, k, v, *a._replace(dropout_p=0.0, rng_state=None))
     assert not torch.equal(out1, no_drop)
+
+
+def test_return_attn_probs_gives_lse_like_flash_attn():
+    """flash-attn callers unpack (out, softmax_lse, S_dmask) with S_dmask None when there is no dropout."""
+    g = torch.Generator().manual_seed(11)
+    q = rand(g, torch.float32, sum(LENS_Q), 4, 16)
+    k, v = rand(g, torch.float32, sum(LENS_K), 2, 16), rand(g, torch.float32, sum(LENS_K), 2, 16)
+    args = (q, k, v, cu(LENS_Q), cu(LENS_K), max(LENS_Q), max(LENS_K))
+    out, lse, probs = flash_attn_varlen_func(*args, causal=True, return_attn_probs=True)
+    assert probs is None and lse.shape == (4, sum(LENS_Q)) and lse.dtype == torch.float32
+    ref_out, ref_lse = varlen_attention_ref(q, k, v, cu(LENS_Q), cu(LENS_K), causal=True)
+    assert_rel_close("out", out, ref_out)
+    assert_rel_close("lse", lse, ref_lse)
+    out.sum().backward()  # lse is returned without breaking autograd
+    assert q.grad is not None
+    with pytest.raises(NotImplementedError, match="dropout"):
+        flash_attn_varlen_func(*args, dropout_p=0.1, return_attn_probs=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck, no host synchronisation, compile
+
+
+def _varlen_op_args(layout: str, paged_kv: bool, requires_grad: bool = False):
+    g = torch.Generator().manual_seed(12)
+    lens_q, lens_k = [3, 0, 5], [4, 2, 5]
+    q = torch.randn(sum(lens_q), 4, 16, generator=g)
+    if paged_kv:
+        k, table = paged(g, torch.float32, lens_k, 3, 2, 16)
+        k, v = k.detach(), torch.randn(*k.shape[:2], 1, 8, generator=g)
+    else:
+        table = None
+        k, v = torch.randn(sum(lens_k), 2, 16, generator=g), torch.randn(sum(lens_k), 1, 8, generator=g)
+    if layout == "permuted":
+        q, k, v = (x.transpose(-2, -3).contiguous().transpose(-2, -3) for x in (q, k, v))
+    elif layout == "sliced":
+        q = torch.cat([q, q], -1)[..., 3:19]
+        k = torch.cat([k, k], -2)[..., ::2, :]
+    a = AttnArgs(cu(lens_q), cu(lens_k), None, table, 5, 5, 0.25, -1, 0, 0.5, torch.rand(3, 4, generator=g) + 0.1)
+    a = a._replace(sinks=torch.randn(4, generator=g))
+    return [x.requires_grad_(requires_grad) for x in (q, k, v)], a
+
+
+@pytest.mark.parametrize("paged_kv", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "permuted", "sliced"])
+def test_opcheck_varlen(layout, paged_kv):
+    (q, k, v), a = _varlen_op_args(layout, paged_kv, requires_grad=True)
+    torch.library.opcheck(torch.ops.flexattn.fwd.default, (q, k, v, *a))
+    out, lse = torch.ops.flexattn.fwd(q, k, v, *a)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.flexattn.bwd.default, (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, *a, False)
+    )
+
+
+def test_varlen_never_syncs_host():
+    """Forward and backward on packed and paged keys without any host read or data-dependent shape."""
+    for paged_kv in (False, True):
+        (q, k, v), a = _varlen_op_args("contiguous", paged_kv, requires_grad=True)
+        with NoHostSync():
+            out, _ = torch.ops.flexattn.fwd(q, k, v, *a)
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+
+def test_varlen_compiles_fullgraph(monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", False)
+    torch._dynamo.reset()
+    (q, k, v), a = _varlen_op_args("contiguous", True, requires_grad=True)
+
+    def step(q, k, v, cu_q, cu_k, table):
+        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 5, causal=True, block_table=table)
+
+    args = (q, k, v, a.cu_seqlens_q, a.cu_seqlens_k, a.block_table)
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
+    ref = step(*args)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    ref_grads = torch.autograd.grad(ref, (q, k, v), torch.ones_like(out))
+    for gr, rg in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(gr, rg)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (SPEC section 6)
+
+
+def _valid_varlen(paged_kv: bool = False) -> dict:
+    (q, k, v), a = _varlen_op_args("contiguous", paged_kv)
+    return dict(
+        q=q,
+        k=k,
+        v=v,
+        cu_seqlens_q=a.cu_seqlens_q,
+        cu_seqlens_k=a.cu_seqlens_k,
+        max_seqlen_q=5,
+        max_seqlen_k=5,
+        block_table=a.block_table,
+    )
+
+
+VARLEN_BAD = [
+    ("cu_q_dtype", False, {"cu_seqlens_q": lambda kw: kw["cu_seqlens_q"].long()}, TypeError, "cu_seqlens_q: .*int32"),
+    ("cu_k_dtype", False, {"cu_seqlens_k": lambda kw: kw["cu_seqlens_k"].float()}, TypeError, "cu_seqlens_k: .*int32"),
+    ("cu_q_rank", False, {"cu_seqlens_q": lambda kw: kw["cu_seqlens_q"][None]}, ValueError, "cu_seqlens_q: .*1-d"),
+    ("cu_k_shape", False, {"cu_seqlens_k": lambda kw: kw["cu_seqlens_k"][:3]}, ValueError, "cu_seqlens_k: .*shape"),
+    ("cu_k_none", False, {"cu_seqlens_k": lambda kw: None}, ValueError, "cu_seqlens_k: expected"),
+    ("q_rank", False, {"q": lambda kw: kw["q"][None]}, ValueError, "q: expected a 3-d"),
+    ("k_rank", False, {"k": lambda kw: kw["k"][None]}, ValueError, "k: expected a 3-d"),
+    ("max_seqlen", False, {"max_seqlen_q": lambda kw: -1}, ValueError, "max_seqlen_q/max_seqlen_k"),
+    ("seqused_dtype", False, {"seqused_k": lambda kw: torch.ones(3)}, TypeError, "seqused_k: .*int32"),
+    ("seqused_shape", False, {"seqused_k": lambda kw: torch.ones(2, dtype=torch.int32)}, ValueError, "seqused_k"),
+    ("table_dtype", True, {"block_table": lambda kw: kw["block_table"].long()}, TypeError, "block_table: .*int32"),
+    ("table_rank", True, {"block_table": lambda kw: kw["block_table"][0]}, ValueError, "block_table: .*2-d"),
+    ("table_rows", True, {"block_table": lambda kw: kw["block_table"][:2]}, ValueError, "block_table: expected 3 rows"),
+    ("paged_k_rank", True, {"k": lambda kw: kw["k"][0]}, ValueError, "k: expected a 4-d"),
+    ("paged_v_pages", True, {"v": lambda kw: kw["v"][:-1]}, ValueError, "v: expected the leading shape of k"),
+    ("alibi_batch", False, {"alibi_slopes": lambda kw: torch.rand(2, 4)}, ValueError, "alibi_slopes: expected shape"),
+]
+
+
+@pytest.mark.parametrize("name,paged_kv,changes,exc,match", VARLEN_BAD, ids=[b[0] for b in VARLEN_BAD])
+def test_varlen_validation(name, paged_kv, changes, exc, match):
+    kw = _valid_varlen(paged_kv)
+    kw.update({key: fn(kw) for key, fn in changes.items()})
+    with pytest.raises(exc, match=match):
+        flash_attn_varlen_func(**kw)
