@@ -12,8 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # the kernels run the softmax in base 2: exp(x) = exp2(x * LOG2E)
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # the kernels run the softmax in base 2: exp(x) = exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

@@ -1,0 +1,222 @@
+"""Attention benchmark: our Triton backend beside the peers, same process, same inputs (BENCHMARKS.md).
+
+Grid (flash-attn's): hidden 2048, heads = 2048 / head_dim (for qk != v pairs: 2048 / min(dqk, dv),
+as `shared/bench/peers.py`), batch = 16384 / seqlen, bf16, causal and not, forward and
+forward+backward. FLOPs: fwd = 2 * b * h * sq * sk * (dqk + dv), halved when causal; fwd+bwd = 3.5x fwd.
+Times: `triton.testing.do_bench` medians (CUDA events) after warm-up, random inputs.
+
+Peers: PyTorch SDPA with the flash backend (FlashAttention-2), the cuDNN backend, and compiled
+FlexAttention (one compile per shape and grad mode, as in peers.py). Ours: `torch.ops.flexattn.fwd`
+(and its autograd) with FLEXATTN_BACKEND=triton.
+
+Usage: python benchmarks/bench_attention.py [--part core|pairs|all] [--seqs 512,2048,8192,16384]
+Prints a TFLOP/s table with ratios to the peers; writes $OUT/bench_<part>.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+os.environ["FLEXATTN_BACKEND"] = "triton"
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import flexattn_ops  # noqa: E402,F401  (registers torch.ops.flexattn)
+from flexattn_ops.params import AttnArgs  # noqa: E402
+
+DT = torch.bfloat16
+DEV = "cuda"
+OUT = os.environ.get("OUT", "/tmp")
+CORE_DIMS = [(64, 64), (128, 128), (256, 256)]
+PAIRS = [(192, 128), (128, 256), (64, 128), (32, 64)]
+
+
+def flops(b: int, h: int, s: int, dqk: int, dv: int, causal: bool, mode: str) -> float:
+    f = 2.0 * b * h * s * s * (dqk + dv) / (2 if causal else 1)
+    return f * {"fwd": 1.0, "fwd_bwd": 3.5}[mode]
+
+
+def bench_ms(fn: Callable[[], object]) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def ours_fn(causal: bool) -> Callable:
+    """(b, h, s, d) inputs like SDPA's; ours takes (b, s, h, d), so pass transposed views (strided inputs)."""
+
+    def fn(q, k, v):
+        a = AttnArgs(softmax_scale=1.0 / math.sqrt(q.shape[-1]), window_right=0 if causal else -1)
+        out, _ = torch.ops.flexattn.fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), *a)
+        return out
+
+    return fn
+
+
+def sdpa_fn(backend, causal: bool) -> Callable:
+    from torch.nn.attention import sdpa_kernel
+
+    def fn(q, k, v):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return fn
+
+
+_flex = None
+
+
+def flex_fn(causal: bool, s: int) -> Callable:
+    global _flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _flex is None:
+        torch._dynamo.config.recompile_limit = 10**6
+        torch._dynamo.config.accumulated_recompile_limit = 10**6
+        _flex = torch.compile(flex_attention, dynamic=False)
+
+    def causal_mask(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    bm = create_block_mask(causal_mask, None, None, s, s, device=DEV) if causal else None
+    flex = _flex
+
+    def fn(q, k, v):
+        return flex(q, k, v, block_mask=bm)
+
+    return fn
+
+
+def measure(fn: Callable, q, k, v, mode: str) -> tuple[Optional[float], str]:
+    try:
+        if mode == "fwd":
+            with torch.no_grad():
+                return bench_ms(lambda: fn(q, k, v)), ""
+        qg, kg, vg = (x.detach().requires_grad_(True) for x in (q, k, v))
+        g = torch.randn_like(fn(qg, kg, vg))
+
+        def fb():
+            fn(qg, kg, vg).backward(g)
+
+        return bench_ms(fb), ""
+    except Exception as e:  # noqa: BLE001  (a peer without a kernel for this shape: recorded, not fatal)
+        torch.cuda.empty_cache()
+        return None, f"{type(e).__name__}: {str(e)[:90]}"
+
+
+def run(dims: list[tuple[int, int]], seqs: list[int], impls: list[str], rows: list[dict]) -> None:
+    from torch.nn.attention import SDPBackend
+
+    for dqk, dv in dims:
+        h = 2048 // min(dqk, dv)
+        for causal in (False, True):
+            for s in seqs:
+                b = max(1, 16384 // s)
+                q = torch.randn(b, h, s, dqk, device=DEV, dtype=DT)
+                k = torch.randn(b, h, s, dqk, device=DEV, dtype=DT)
+                v = torch.randn(b, h, s, dv, device=DEV, dtype=DT)
+                makers = {
+                    "triton": lambda c=causal: ours_fn(c),
+                    "sdpa_flash": lambda c=causal: sdpa_fn(SDPBackend.FLASH_ATTENTION, c),
+                    "sdpa_cudnn": lambda c=causal: sdpa_fn(SDPBackend.CUDNN_ATTENTION, c),
+                    "flex": lambda c=causal, s=s: flex_fn(c, s),
+                }
+                for impl in impls:
+                    fn = makers[impl]()
+                    for mode in ("fwd", "fwd_bwd"):
+                        t0 = time.time()
+                        ms, note = measure(fn, q, k, v, mode)
+                        tf = flops(b, h, s, dqk, dv, causal, mode) / (ms * 1e-3) / 1e12 if ms else float("nan")
+                        rows.append(
+                            dict(
+                                impl=impl,
+                                b=b,
+                                h=h,
+                                s=s,
+                                dqk=dqk,
+                                dv=dv,
+                                causal=int(causal),
+                                mode=mode,
+                                ms=round(ms, 4) if ms else "",
+                                tflops=round(tf, 1),
+                                note=note,
+                            )
+                        )
+                        print(
+                            f"{impl:11s} d={dqk}/{dv} causal={int(causal)} s={s:5d} {mode:7s} "
+                            f"{tf:7.1f} TFLOP/s  ({time.time() - t0:.1f}s) {note}",
+                            flush=True,
+                        )
+                del q, k, v
+                torch.cuda.empty_cache()
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table: ours and each peer in TFLOP/s, then ours / peer."""
+    key = lambda r: (r["dqk"], r["dv"], r["causal"], r["s"], r["mode"])  # noqa: E731
+    by: dict = {}
+    for r in rows:
+        by.setdefault(key(r), {})[r["impl"]] = r["tflops"]
+    lines = [
+        "| dqk/dv | causal | seqlen | mode | triton | flex | sdpa_flash | cudnn | vs flex | vs flash | vs cudnn |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def fmt(x):
+        return "-" if x is None or x != x else f"{x:.0f}"
+
+    def ratio(a, b):
+        return "-" if a is None or b is None or a != a or b != b or b == 0 else f"{a / b:.2f}"
+
+    for (dqk, dv, causal, s, mode), d in sorted(by.items()):
+        t = d.get("triton")
+        lines.append(
+            f"| {dqk}/{dv} | {causal} | {s} | {mode} | {fmt(t)} | {fmt(d.get('flex'))} | {fmt(d.get('sdpa_flash'))} | "
+            f"{fmt(d.get('sdpa_cudnn'))} | {ratio(t, d.get('flex'))} | {ratio(t, d.get('sdpa_flash'))} | "
+            f"{ratio(t, d.get('sdpa_cudnn'))} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", default="all", choices=["core", "pairs", "all"])
+    ap.add_argument("--seqs", default="512,2048,8192,16384")
+    ap.add_argument("--pair-seqs", default="2048,8192")
+    ap.add_argument("--impls", default="triton,sdpa_flash,sdpa_cudnn,flex")
+    args = ap.parse_args()
+    seqs = [int(x) for x in args.seqs.split(",")]
+    impls = args.impls.split(",")
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "CUDA", torch.version.cuda, flush=True)
+    import triton
+
+    print("triton", triton.__version__, "cudnn", torch.backends.cudnn.version(), flush=True)
+    rows: list[dict] = []
+    t0 = time.time()
+    try:
+        if args.part in ("core", "all"):
+            run(CORE_DIMS, seqs, impls, rows)
+        if args.part in ("pairs", "all"):
+            run(PAIRS, [int(x) for x in args.pair_seqs.split(",")], impls, rows)
+    finally:
+        if rows:
+            path = os.path.join(OUT, f"bench_{args.part}.csv")
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+                w.writeheader()
+                w.writerows(rows)
+            print(table(rows), flush=True)
+        print(f"done in {time.time() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
