@@ -65,7 +65,9 @@ def main() -> None:
 
     seq = torch.export.Dim("seq", min=2, max=4096)
     exported = torch.export.export(block, (x,), dynamic_shapes={"x": {1: seq}})
-    ops = sorted({str(n.target) for n in exported.graph.nodes if n.op == "call_function" and "flexattn" in str(n.target)})
+    ops = sorted(
+        {str(n.target) for n in exported.graph.nodes if n.op == "call_function" and "flexattn" in str(n.target)}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "block.pt2")
         torch.export.save(exported, path)

@@ -6,8 +6,19 @@ import torch
 from torch import Tensor
 
 
-def rand_qkv(b: int, sq: int, sk: int, hq: int, hk: int, hv: int, dqk: int, dv: int, dtype: torch.dtype,
-             requires_grad: bool = False, device: str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
+def rand_qkv(
+    b: int,
+    sq: int,
+    sk: int,
+    hq: int,
+    hk: int,
+    hv: int,
+    dqk: int,
+    dv: int,
+    dtype: torch.dtype,
+    requires_grad: bool = False,
+    device: str = "cpu",
+) -> tuple[Tensor, Tensor, Tensor]:
     """Random dense q (b, sq, hq, dqk), k (b, sk, hk, dqk), v (b, sk, hv, dv); never zeros."""
 
     def t(s: int, h: int, d: int) -> Tensor:

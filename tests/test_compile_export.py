@@ -57,7 +57,9 @@ class ExportedGraph(expecttest.TestCase):
     def test_exported_graph_op_list(self):
         exported = _export(Block(), torch.randn(2, 17, 64))
         targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
-        self.assertExpectedInline("\n".join(targets), """\
+        self.assertExpectedInline(
+            "\n".join(targets),
+            """\
 aten.sym_size.int
 aten.layer_norm.default
 aten.linear.default
@@ -73,7 +75,8 @@ flexattn.fwd.default
 <built-in function getitem>
 aten.flatten.using_ints
 aten.linear.default
-aten.add.Tensor""")
+aten.add.Tensor""",
+        )
 
 
 def test_export_save_load_in_fresh_process(tmp_path):

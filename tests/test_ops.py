@@ -14,16 +14,18 @@ from tests.helpers import layouts, rand_qkv
 LAYOUTS = ["contiguous", "permuted", "sliced"]
 
 
-
 FEATURE_ARGS = {
     "plain": lambda b, hq, sq, sk: AttnArgs(softmax_scale=0.3),
     "causal_softcap": lambda b, hq, sq, sk: AttnArgs(softmax_scale=0.3, window_right=0, softcap=4.0),
-    "window_alibi": lambda b, hq, sq, sk: AttnArgs(softmax_scale=0.3, window_left=3, window_right=2,
-                                                   alibi_slopes=torch.rand(b, hq)),
-    "bias_sinks": lambda b, hq, sq, sk: AttnArgs(softmax_scale=0.3, attn_bias=torch.randn(1, hq, sq, sk),
-                                                 sinks=torch.randn(hq)),
-    "dropout": lambda b, hq, sq, sk: AttnArgs(softmax_scale=0.3, dropout_p=0.2,
-                                              rng_state=torch.tensor([7, 11], dtype=torch.int64)),
+    "window_alibi": lambda b, hq, sq, sk: AttnArgs(
+        softmax_scale=0.3, window_left=3, window_right=2, alibi_slopes=torch.rand(b, hq)
+    ),
+    "bias_sinks": lambda b, hq, sq, sk: AttnArgs(
+        softmax_scale=0.3, attn_bias=torch.randn(1, hq, sq, sk), sinks=torch.randn(hq)
+    ),
+    "dropout": lambda b, hq, sq, sk: AttnArgs(
+        softmax_scale=0.3, dropout_p=0.2, rng_state=torch.tensor([7, 11], dtype=torch.int64)
+    ),
 }
 
 
@@ -32,8 +34,9 @@ FEATURE_ARGS = {
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck_fwd(layout, feature, requires_grad):
     b, sq, sk, hq = 2, 7, 11, 4
-    q, k, v = (layouts(x, layout).requires_grad_(requires_grad)
-               for x in rand_qkv(b, sq, sk, hq, 2, 1, 16, 24, torch.float32))
+    q, k, v = (
+        layouts(x, layout).requires_grad_(requires_grad) for x in rand_qkv(b, sq, sk, hq, 2, 1, 16, 24, torch.float32)
+    )
     a = FEATURE_ARGS[feature](b, hq, sq, sk)
     if requires_grad and a.attn_bias is not None:
         a = a._replace(attn_bias=a.attn_bias.requires_grad_(), sinks=a.sinks.requires_grad_())

@@ -38,8 +38,10 @@ def feature_kwargs(feature: str, b: int, hq: int, sq: int, sk: int) -> dict:
     if feature == "softcap_alibi":
         return {"softcap": 3.0, "alibi_slopes": torch.rand(hq)}
     if feature == "bias_sinks":
-        return {"attn_bias": torch.randn(1, hq, sq, sk, requires_grad=True),
-                "sinks": torch.randn(hq, requires_grad=True)}
+        return {
+            "attn_bias": torch.randn(1, hq, sq, sk, requires_grad=True),
+            "sinks": torch.randn(hq, requires_grad=True),
+        }
     if feature == "alibi_batch_window_causal":
         return {"alibi_slopes": torch.rand(b, hq), "window_size": (9, -1), "causal": True}
     raise ValueError(feature)
@@ -63,9 +65,11 @@ def _check(name: str, ours, oracle, baseline, dtype) -> None:
         assert_close_to_oracle(name, ours, oracle, baseline, atol=1e-3)
 
 
-@pytest.mark.parametrize("dtype,seqlens,feature,heads,dims", CASES,
-                         ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}-{c[2]}-h{c[3]}-d{c[4]}".replace("torch.", "")
-                              for c in CASES])
+@pytest.mark.parametrize(
+    "dtype,seqlens,feature,heads,dims",
+    CASES,
+    ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}-{c[2]}-h{c[3]}-d{c[4]}".replace("torch.", "") for c in CASES],
+)
 def test_forward_backward_vs_oracle(dtype, seqlens, feature, heads, dims):
     (sq, sk), (hq, hk, hv), (dqk, dv) = seqlens, heads, dims
     b = 2
@@ -101,8 +105,10 @@ def test_bias_gradient_reduced_over_broadcast_axes(bias_shape):
     assert_rel_close("dbias", g, rg)
 
 
-@pytest.mark.parametrize("sq,sk,kw", [(10, 3, {"causal": True}), (5, 40, {"window_size": (0, 0)}),
-                                      (6, 6, {"window_size": (-1, -1), "sinks": True})])
+@pytest.mark.parametrize(
+    "sq,sk,kw",
+    [(10, 3, {"causal": True}), (5, 40, {"window_size": (0, 0)}), (6, 6, {"window_size": (-1, -1), "sinks": True})],
+)
 def test_fully_masked_rows_are_zero_without_nan(sq, sk, kw):
     """Causal with sq > sk leaves the first sq - sk rows without keys: out 0, lse -inf, zero grads."""
     q, k, v = rand_qkv(1, sq, sk, 2, 2, 2, 16, 16, torch.float32, requires_grad=True)
@@ -174,8 +180,10 @@ def test_probs_match_oracle_softmax():
 def test_deterministic_backward_is_bitwise_reproducible():
     q, k, v = rand_qkv(2, 70, 90, 4, 2, 2, 32, 32, torch.bfloat16, requires_grad=True)
     dout = torch.randn(2, 70, 4, 32, dtype=torch.bfloat16)
-    runs = [torch.autograd.grad(flash_attn_func(q, k, v, causal=True, deterministic=True), (q, k, v), dout)
-            for _ in range(3)]
+    runs = [
+        torch.autograd.grad(flash_attn_func(q, k, v, causal=True, deterministic=True), (q, k, v), dout)
+        for _ in range(3)
+    ]
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other, strict=True))
 
