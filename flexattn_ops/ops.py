@@ -129,6 +129,19 @@ def combine(out_partial: Tensor, lse_partial: Tensor) -> tuple[Tensor, Tensor]:
 fwd_kvcache.register_fake(fwd_kvcache_fake)
 combine.register_fake(combine_fake)
 
+# fwd_kvcache has no backward (as flash-attn's): its outputs never require grad. A mutating custom
+# op cannot take register_autograd, so this Autograd-key kernel runs it below autograd; graphs
+# traced with requires_grad inputs (opcheck, compile in training mode) then stay valid.
+_autograd_lib = torch.library.Library("flexattn", "IMPL")
+
+
+def _fwd_kvcache_no_grad(q: Tensor, k_cache: Tensor, v_cache: Tensor, *args) -> tuple[Tensor, Tensor]:
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.flexattn.fwd_kvcache(q, k_cache, v_cache, *args)
+
+
+_autograd_lib.impl("fwd_kvcache", _fwd_kvcache_no_grad, "Autograd")
+
 
 def _combine_setup_context(ctx, inputs, output) -> None:
     out_partial, lse_partial = inputs

@@ -467,13 +467,21 @@ def _kvcache_op_args(layout: str, paged: bool):
         torch.randn(4),
         2,
     )
-    return (q, k_cache, v_cache, *c)
+    return [q, k_cache, v_cache, *c]
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("layout", ["contiguous", "permuted", "sliced"])
-def test_opcheck_fwd_kvcache(layout, paged):
-    torch.library.opcheck(torch.ops.flexattn.fwd_kvcache.default, _kvcache_op_args(layout, paged))
+def test_opcheck_fwd_kvcache(layout, paged, requires_grad):
+    args = _kvcache_op_args(layout, paged)
+    if requires_grad:
+        for i in (0, 3, 4):  # q, k, v (the caches are written in place: leaves can't require grad)
+            args[i].requires_grad_()
+    torch.library.opcheck(torch.ops.flexattn.fwd_kvcache.default, tuple(args))
+    if requires_grad:
+        out, lse = torch.ops.flexattn.fwd_kvcache(*args)
+        assert not out.requires_grad and not lse.requires_grad  # no backward, as flash-attn's
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
