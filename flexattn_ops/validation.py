@@ -255,6 +255,8 @@ def check_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, c: KVCacheArgs) -
             expected = (batch, c.k.shape[1], cache.shape[2], cache.shape[3])
             if tuple(t.shape) != expected:
                 _fail(name, f"shape {expected} (batch of q, heads and head dim of {name}_cache)", tuple(t.shape))
+        if c.k.shape[1] > cache_len:
+            _fail("k", f"at most {cache_len} new keys (the cache length)", c.k.shape[1])
     check_rotary(c, dqk, cache_len, q.dtype)
     check_window(c.window_left, c.window_right)
     if not c.softcap >= 0.0:

@@ -548,26 +548,44 @@ def fresh_inductor_cache(tmp_path, monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_decode_step_updates_cache(backend, fresh_inductor_cache, monkeypatch):
+@pytest.mark.parametrize("backend,mode", [("aot_eager", None), ("inductor", None), ("inductor", "reduce-overhead")])
+def test_compiled_decode_step_updates_cache(backend, mode, fresh_inductor_cache, monkeypatch):
     """fullgraph with scalar capture off: any .item()/.tolist() would break the graph and fail.
-    Two decode steps; the compiled caches equal the eager ones after each."""
+    Three decode steps (new cache_seqlens values, same graph: no recompilation); the compiled
+    caches equal the eager ones after each. (reduce-overhead on CPU runs without CUDA graphs.)"""
     monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", False)
     monkeypatch.setattr(torch._dynamo.config, "capture_dynamic_output_shape_ops", False)
     case = make_case(sq=1, s_new=1, page=3, rotary_dim=8, seed=9)
-    compiled = torch.compile(_decode_step, fullgraph=True, backend=backend)
+    compiled = torch.compile(_decode_step, fullgraph=True, backend=backend, mode=mode)
     kc_e, vc_e = case.k_cache.clone(), case.v_cache.clone()
     kc_c, vc_c = case.k_cache.clone(), case.v_cache.clone()
     seqlens = case.tensor(case.seqlens)
     cos, sin = case.rotary
-    for step in range(2):
+    for step in range(3):
         k, v = case.k + step, case.v - step
         ref = _decode_step(case.q, kc_e, vc_e, k, v, seqlens + step, case.block_table, cos, sin)
-        out = compiled(case.q, kc_c, vc_c, k, v, seqlens + step, case.block_table, cos, sin)
+        with torch.compiler.set_stance("fail_on_recompile" if step else "default"):
+            out = compiled(case.q, kc_c, vc_c, k, v, seqlens + step, case.block_table, cos, sin)
         torch.testing.assert_close(out, ref)
         assert torch.equal(vc_c, vc_e)
         torch.testing.assert_close(kc_c, kc_e)
     assert not torch.equal(vc_c, case.v_cache)
+
+
+def test_compiled_module_updates_cache_buffers(fresh_inductor_cache):
+    """A module holding its cache in buffers, compiled: the buffers are updated like eager ones."""
+    torch.manual_seed(1)
+    block, eager = DecoderBlock().eval(), DecoderBlock().eval()
+    eager.load_state_dict(block.state_dict())
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    initial = block.v_cache.clone()
+    with torch.no_grad():
+        for step in range(2):
+            x, seqlens = torch.randn(2, 1, 32), torch.tensor([3 + step, 9 + step], dtype=torch.int32)
+            torch.testing.assert_close(compiled(x, seqlens), eager(x, seqlens))
+    assert torch.equal(block.k_cache, eager.k_cache) and torch.equal(block.v_cache, eager.v_cache)
+    changed = (block.v_cache != initial).any(-1).any(-1)  # (batch, slot): slots 3, 4 and 9, 10 written
+    assert changed.nonzero().tolist() == [[0, 3], [0, 4], [1, 9], [1, 10]]
 
 
 class DecoderBlock(torch.nn.Module):
@@ -668,6 +686,12 @@ BAD = [
     ("k_shape", _bad(k=lambda kw: kw["k"][:, :, :, :8]), ValueError, "k: expected shape"),
     ("v_len", _bad(v=lambda kw: kw["v"][:, :1]), ValueError, "v: expected shape"),
     ("k_dtype", _bad(k=lambda kw: kw["k"].half()), TypeError, "k: expected the dtype of q"),
+    (
+        "k_longer_than_cache",
+        _bad(k=lambda kw: kw["k"].repeat(1, 10, 1, 1), v=lambda kw: kw["v"].repeat(1, 10, 1, 1)),
+        ValueError,
+        "k: expected at most 19 new keys",
+    ),
     (
         "seqlens_dtype",
         _bad(cache_seqlens=lambda kw: kw["cache_seqlens"].long()),
