@@ -391,7 +391,7 @@ def combine(out_partial: Tensor, lse_partial: Tensor) -> tuple[Tensor, Tensor]:
     lse = m + torch.log(total)
     weighted = torch.where(w[..., None] > 0, w[..., None] * out_partial.float(), 0.0)
     out = weighted.sum(0) / torch.where(total > 0, total, 1.0)[..., None]
-    return out, lse
+    return out.contiguous(), lse.contiguous()
 
 
 def rotary(x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, interleaved: bool) -> Tensor:

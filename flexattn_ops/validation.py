@@ -230,10 +230,11 @@ def check_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, c: KVCacheArgs) -
             )
         cache_len = c.block_table.shape[1] * k_cache.shape[1]
     else:
-        if c.cache_batch_idx is None and k_cache.shape[0] != batch:
+        # Like flash-attn, a larger cache is fine: sequence i uses row i (or cache_batch_idx[i]).
+        if c.cache_batch_idx is None and k_cache.shape[0] < batch:
             _fail(
                 "k_cache",
-                f"batch size {batch} (that of q; pass cache_batch_idx to use other cache rows)",
+                f"at least {batch} rows (the batch size of q; or pass cache_batch_idx)",
                 k_cache.shape[0],
             )
         cache_len = k_cache.shape[1]

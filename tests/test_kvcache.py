@@ -294,6 +294,15 @@ def test_empty_sequences_give_zero_and_neg_inf():
     check(case)
 
 
+def test_larger_cache_than_batch():
+    """As in flash-attn, a cache with more rows than the batch: sequence i uses row i, the rest stay."""
+    case = make_case(sq=2, s_new=2, batch_idx=True, causal=True)
+    case.batch_idx = None  # the cache has b + 2 rows
+    check(case)
+    _, _, kc, vc = case.run()
+    assert torch.equal(kc[3:], case.k_cache[3:]) and torch.equal(vc[3:], case.v_cache[3:])
+
+
 def test_int_cache_seqlens_and_return_values():
     case = make_case(s_new=2, sq=2)
     case.seqlens = [7, 7, 7]
@@ -500,6 +509,8 @@ def test_opcheck_combine(layout, requires_grad):
         torch.ops.flexattn.combine.default,
         (out_p.requires_grad_(requires_grad), lse_p.requires_grad_(requires_grad)),
     )
+    out, lse = torch.ops.flexattn.combine(out_p, lse_p)
+    assert out.is_contiguous() and lse.is_contiguous()  # what the fake promises
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,7 +691,7 @@ BAD = [
         "cache_batch",
         _bad(k_cache=lambda kw: kw["k_cache"][:2], v_cache=lambda kw: kw["v_cache"][:2]),
         ValueError,
-        "k_cache: expected batch size 3",
+        "k_cache: expected at least 3 rows",
     ),
     ("k_without_v", _bad(v=lambda kw: None), ValueError, "k/v: expected both"),
     ("k_shape", _bad(k=lambda kw: kw["k"][:, :, :, :8]), ValueError, "k: expected shape"),
