@@ -247,6 +247,11 @@ def test_rotary(interleaved, rotary_dim, causal, leftpad, page):
     check(case)
 
 
+@pytest.mark.parametrize("page", [None, 16])
+def test_float16(page):
+    check(make_case(sq=3, s_new=2, page=page, dtype=torch.float16, causal=True, rotary_dim=8, num_splits=2))
+
+
 def test_rotary_bf16_and_local_window():
     check(make_case(sq=2, s_new=2, rotary_dim=12, dtype=torch.bfloat16, window_size=(4, 0), leftpad=True))
 

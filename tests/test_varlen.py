@@ -424,3 +424,23 @@ def test_varlen_validation(name, paged_kv, changes, exc, match):
     kw.update({key: fn(kw) for key, fn in changes.items()})
     with pytest.raises(exc, match=match):
         flash_attn_varlen_func(**kw)
+
+
+def test_paged_shared_prefix_pages():
+    """Sequences sharing pages (prefix caching): forward reads them for each, backward sums into them."""
+    g = torch.Generator().manual_seed(13)
+    lens_q, lens_k = [2, 3, 1], [7, 8, 5]
+    q = rand(g, torch.float32, sum(lens_q), 4, 16)
+    k_cache, v_cache = rand(g, torch.float32, 9, 3, 2, 16), rand(g, torch.float32, 9, 3, 2, 8)
+    table = torch.tensor([[4, 0, 7], [4, 0, 2], [4, 5, 1]], dtype=torch.int32)  # page 4 in all, 0 in two
+    check_fwd_bwd(
+        q,
+        k_cache,
+        v_cache,
+        lens_q,
+        lens_k,
+        {"causal": True},
+        block_table=table,
+        packed_k=lambda c: paged_to_packed(c, table, lens_k),
+        packed_v=lambda c: paged_to_packed(c, table, lens_k),
+    )
