@@ -556,16 +556,8 @@ def _decode_step(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cos, sin
     return out * 2.0
 
 
-@pytest.fixture
-def fresh_inductor_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("backend,mode", [("aot_eager", None), ("inductor", None), ("inductor", "reduce-overhead")])
-def test_compiled_decode_step_updates_cache(backend, mode, fresh_inductor_cache, monkeypatch):
+def test_compiled_decode_step_updates_cache(backend, mode, inductor_cache, monkeypatch):
     """fullgraph with scalar capture off: any .item()/.tolist() would break the graph and fail.
     Three decode steps (new cache_seqlens values, same graph: no recompilation); the compiled
     caches equal the eager ones after each. (reduce-overhead on CPU runs without CUDA graphs.)"""
@@ -588,7 +580,7 @@ def test_compiled_decode_step_updates_cache(backend, mode, fresh_inductor_cache,
     assert not torch.equal(vc_c, case.v_cache)
 
 
-def test_compiled_module_updates_cache_buffers(fresh_inductor_cache):
+def test_compiled_module_updates_cache_buffers(inductor_cache):
     """A module holding its cache in buffers, compiled: the buffers are updated like eager ones."""
     torch.manual_seed(1)
     block, eager = DecoderBlock().eval(), DecoderBlock().eval()

@@ -361,9 +361,9 @@ def test_varlen_never_syncs_host():
             torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 
 
-def test_varlen_compiles_fullgraph(monkeypatch):
+def test_varlen_compiles_fullgraph(monkeypatch, inductor_cache):
+    """fullgraph with scalar capture off: a .item()/.tolist() anywhere would fail the trace."""
     monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", False)
-    torch._dynamo.reset()
     (q, k, v), a = _varlen_op_args("contiguous", True, requires_grad=True)
 
     def step(q, k, v, cu_q, cu_k, table):
@@ -377,7 +377,6 @@ def test_varlen_compiles_fullgraph(monkeypatch):
     ref_grads = torch.autograd.grad(ref, (q, k, v), torch.ones_like(out))
     for gr, rg in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(gr, rg)
-    torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------------------------------------
