@@ -1,0 +1,309 @@
+"""`fwd_kvcache` and `combine` on the Triton backend under TRITON_INTERPRET=1, on small CPU tensors.
+
+Mirrors tests/test_kvcache.py (the reference backend's tests, whose `Case`/`make_case`/`check` are reused:
+out and lse against the per-sequence float64 oracle, and the caches after the call equal to the oracle's,
+bitwise where no rotary is involved), with FLEXATTN_BACKEND=triton. Outputs are poisoned: under
+deterministic algorithms torch fills fresh memory with NaN, so an element the kernels forget to write
+(final or partial) shows up. The interpreter runs tiles of 16 keys, so caches of 19..300 slots cover
+several tiles, the unmasked middle loop, partial tiles and pages smaller and larger than a tile.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from flexattn_ops import dispatch, flash_attn_with_kvcache  # noqa: E402
+from flexattn_ops.params import AttnArgs  # noqa: E402
+from flexattn_ops.testing import NoHostSync, assert_rel_close  # noqa: E402
+from tests.test_kvcache import _combine_oracle, _kvcache_op_args, check, make_case  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _triton_and_poison(monkeypatch):
+    monkeypatch.setenv("FLEXATTN_BACKEND", "triton")
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev)
+
+
+@pytest.fixture
+def combine_calls(monkeypatch):
+    """Counts launches of the Triton combine kernel (i.e. calls that really split the keys)."""
+    from flexattn_ops import triton_decode
+
+    calls: list[int] = []
+    real = triton_decode._launch_combine
+
+    def counting(out_p, *args, **kwargs):
+        calls.append(out_p.shape[0])
+        return real(out_p, *args, **kwargs)
+
+    monkeypatch.setattr(triton_decode, "_launch_combine", counting)
+    return calls
+
+
+def test_backend_is_triton():
+    q = torch.randn(1, 1, 2, 8)
+    assert dispatch.explain("fwd_kvcache", q, q, q, AttnArgs()).selected == "triton"
+    assert dispatch.explain("combine", q, q, q, AttnArgs()).selected == "triton"
+
+
+@pytest.mark.parametrize("s_new", [0, 1, 5])
+@pytest.mark.parametrize("page", [None, 1, 3, 16, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_append_and_attend(dtype, page, s_new):
+    """Dense and paged caches (page sizes 1, 3, 16, 256), GQA with hk != hv and dqk != dv."""
+    cache_len = 300 if page == 256 else 23
+    check(make_case(dtype=dtype, page=page, s_new=s_new, sq=max(s_new, 1), cache_len=cache_len, causal=True))
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        {},
+        {"causal": True},
+        {"window_size": (3, 1)},
+        {"window_size": (-1, 0)},
+        {"window_size": (2, -1)},
+        {"softcap": 0.7},
+        {"alibi": "head"},
+        {"alibi": "batch"},
+        {"sinks": True},
+        {"causal": True, "softcap": 1.5, "alibi": "batch", "sinks": True},
+    ],
+    ids=lambda m: "-".join(f"{k}{v}" for k, v in m.items()) or "none",
+)
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("page", [None, 3])
+def test_masks_and_score_mods(mask, num_splits, page):
+    """Sq > 1 so the bottom-right aligned masks differ per row; splits merge with sinks added once."""
+    g = torch.Generator().manual_seed(1)
+    case = make_case(sq=4, s_new=2, page=page, num_splits=num_splits, seed=2)
+    for key, val in mask.items():
+        if key == "alibi":
+            case.kwargs["alibi_slopes"] = torch.rand((4,) if val == "head" else (3, 4), generator=g) + 0.1
+        elif key == "sinks":
+            case.kwargs["sinks"] = torch.randn(4, generator=g)
+        else:
+            case.kwargs[key] = val
+    check(case)
+
+
+@pytest.mark.parametrize("page", [None, 5, 16])
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("window", [(-1, -1), (70, 0), (40, 9)])
+def test_long_cache_windows_and_splits(window, num_splits, page):
+    """A 200-slot cache: many 16-key tiles, so the unmasked middle loop runs between masked edges, and
+    splits whose runs fall outside the window come back empty (lse -inf) and weigh nothing."""
+    g = torch.Generator().manual_seed(4)
+    case = make_case(b=2, sq=3, s_new=3, cache_len=200, page=page, window_size=window, num_splits=num_splits, seed=6)
+    case.kwargs["alibi_slopes"] = torch.rand(4, generator=g) * 0.05
+    check(case)
+
+
+def test_alibi_per_batch_and_sq_longer_than_keys():
+    """Per-batch ALiBi slopes; with sq > keys, causal rows before the first key give out 0, lse -inf."""
+    g = torch.Generator().manual_seed(3)
+    case = make_case(sq=6, s_new=2, cache_len=9, causal=True, seed=3)
+    case.seqlens = [3, 0, 7]
+    case.kwargs["alibi_slopes"] = torch.rand(3, 4, generator=g) + 0.1
+    check(case)
+    out, lse, _, _ = case.run()
+    assert torch.isneginf(lse[1, :, :4]).all() and (out[1, :4] == 0).all()
+
+
+@pytest.mark.parametrize("page", [None, 16])
+@pytest.mark.parametrize("leftpad", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("rotary_dim", [16, 8, 2])
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rotary(interleaved, rotary_dim, causal, leftpad, page):
+    """Rotary on q and new k inside the kernel (interleaved and GPT-NeoX, partial rotary_dim), positions
+    shifted by leftpad; without causal/local every query sits at position cache_seqlens - leftpad."""
+    case = make_case(
+        sq=3,
+        s_new=3,
+        rotary_dim=rotary_dim,
+        leftpad=leftpad,
+        page=page,
+        causal=causal,
+        rotary_interleaved=interleaved,
+        seed=rotary_dim + 10 * page if page else rotary_dim,
+    )
+    check(case)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_rotary_bf16_and_local_window(num_splits):
+    case = make_case(sq=2, s_new=2, rotary_dim=12, dtype=torch.bfloat16, window_size=(4, 0), leftpad=True)
+    check(case, num_splits=num_splits)
+
+
+def test_rotary_fp16_neox_paged_page1():
+    check(make_case(sq=1, s_new=1, rotary_dim=16, dtype=torch.float16, page=1, rotary_interleaved=False))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page", [None, 3])
+def test_leftpad(dtype, page):
+    check(make_case(sq=2, s_new=2, leftpad=True, page=page, dtype=dtype, causal=True, alibi_slopes=torch.rand(4)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cache_batch_idx(dtype):
+    """Sequences read and write cache rows cache_batch_idx (a larger cache, rows shuffled)."""
+    case = make_case(sq=2, s_new=2, batch_idx=True, dtype=dtype, causal=True, rotary_dim=8)
+    check(case)
+    _, _, kc, _ = case.run()
+    unused = sorted(set(range(case.k_cache.shape[0])) - set(case.batch_idx or []))
+    assert torch.equal(kc[unused], case.k_cache[unused])
+
+
+@pytest.mark.parametrize(
+    "heads,dims",
+    [((4, 4, 4), (32, 32)), ((8, 1, 1), (16, 16)), ((6, 3, 2), (24, 40)), ((4, 2, 4), (8, 64)), ((3, 1, 3), (5, 7))],
+)
+@pytest.mark.parametrize("page", [None, 1])
+def test_heads_and_dims(heads, dims, page):
+    """MHA, MQA, hk != hv with groups that do not nest (6/3/2: tiles of gcd(2, 3) = 1 head), odd dims."""
+    check(make_case(heads=heads, dims=dims, page=page, sq=2, s_new=1, causal=True))
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_query_rows_over_several_tiles(num_splits):
+    """GQA group of 4 x 5 query rows = 20 rows > one 16-row tile: two row tiles per group, only the first
+    of which writes the appended keys."""
+    check(make_case(heads=(8, 2, 2), sq=5, s_new=5, cache_len=40, causal=True, rotary_dim=8, num_splits=num_splits))
+
+
+def test_no_new_keys_full_cache():
+    """No k/v and no cache_seqlens: attend to the whole cache, change nothing."""
+    case = make_case(s_new=0, sq=3)
+    case.seqlens = [case.k_cache.shape[1]] * 3
+    out, lse, kc, vc = case.run()
+    out2, lse2 = flash_attn_with_kvcache(case.q, kc, vc, return_softmax_lse=True)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    check(case)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_empty_sequences_give_zero_and_neg_inf(num_splits):
+    case = make_case(s_new=0, sq=2, num_splits=num_splits)
+    case.seqlens = [0, 5, 0]
+    out, lse, _, _ = case.run()
+    assert not out.isnan().any() and (out[0] == 0).all() and torch.isneginf(lse[0]).all()
+    check(case)
+
+
+@pytest.mark.parametrize("num_splits", [0, 1, 2, 5, 4096])
+@pytest.mark.parametrize("sinks", [False, True])
+def test_num_splits(num_splits, sinks, combine_calls):
+    """Every split count gives the oracle's answer; more than one split really goes through combine
+    (4096 is capped at one split per key tile)."""
+    from flexattn_ops import triton_decode
+
+    case = make_case(cache_len=1100, s_new=3, sq=3, causal=True, num_splits=num_splits, page=16, seed=5)
+    if sinks:
+        case.kwargs["sinks"] = torch.randn(4)
+    check(case)
+    cache_len = case.block_table.shape[1] * 16
+    expected = {0: triton_decode.choose_num_splits(0, 3 * 2, cache_len, 16, torch.device("cpu")), 1: 1, 2: 2, 5: 5}
+    expected[4096] = min(triton_decode.MAX_SPLITS, cache_len // 16)
+    n = expected[num_splits]
+    assert combine_calls == ([n] if n > 1 else [])
+
+
+def test_split_heuristic_uses_shapes_and_sm_count(monkeypatch):
+    """The numbers the heuristic gives on an H100 (132 SMs) for the benchmark's decode shapes, GQA 32/8."""
+    from flexattn_ops import triton_decode
+
+    monkeypatch.setattr(triton_decode, "sm_count", lambda device: 132)
+    dev = torch.device("cuda")
+    pick = [triton_decode.choose_num_splits(0, b * 8, kv, 64, dev) for b, kv in ((1, 32768), (16, 8192), (64, 4096))]
+    assert pick == [66, 5, 2]
+    assert triton_decode.choose_num_splits(0, 128 * 8, 2048, 64, dev) == 1
+    assert triton_decode.choose_num_splits(0, 8, 300, 64, dev) == 1  # short caches are not split
+    assert triton_decode.choose_num_splits(7, 8, 300, 64, dev) == 5  # asked for: capped at one per tile
+
+
+# ---------------------------------------------------------------------------------------------
+# combine
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "permuted", "sliced"])
+def test_combine_matches_logsumexp(layout):
+    g = torch.Generator().manual_seed(0)
+    out_p = torch.randn(4, 3, 5, 2, 7, generator=g)
+    lse_p = torch.randn(4, 3, 5, 2, generator=g) * 3
+    lse_p[1, 0] = float("-inf")  # one split without keys for some rows
+    lse_p[:, 2, 1] = float("-inf")  # rows without any key
+    out_p[1, 0] = float("nan")  # a dead split's output must not leak
+    if layout == "permuted":
+        out_p = out_p.transpose(2, 3).contiguous().transpose(2, 3)
+        lse_p = lse_p.transpose(2, 3).contiguous().transpose(2, 3)
+    elif layout == "sliced":
+        out_p, lse_p = out_p[:, :, 1:], lse_p[:, :, 1:]
+    out, lse = torch.ops.flexattn.combine(out_p, lse_p)
+    ref_out, ref_lse = _combine_oracle(out_p, lse_p)
+    assert out.dtype == lse.dtype == torch.float32 and out.is_contiguous() and lse.is_contiguous()
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert_rel_close("out", out, ref_out)
+    assert_rel_close("lse", lse, ref_lse)
+
+
+def test_combine_bf16_partials_merge_in_fp32():
+    g = torch.Generator().manual_seed(1)
+    out_p = torch.randn(3, 6, 8, generator=g).bfloat16()
+    lse_p = torch.randn(3, 6, generator=g)
+    out, _ = torch.ops.flexattn.combine(out_p, lse_p)
+    ref_out, _ = _combine_oracle(out_p, lse_p)
+    assert out.dtype == torch.float32
+    assert_rel_close("out", out, ref_out)
+
+
+def test_combine_of_key_chunks_is_full_attention():
+    """What ring attention relies on: fwd over disjoint key chunks, merged, equals fwd over all keys."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 5, 4, 16, generator=g)
+    k, v = torch.randn(2, 13, 2, 16, generator=g), torch.randn(2, 13, 1, 8, generator=g)
+    a = AttnArgs(softmax_scale=0.25, softcap=2.0)
+    full_out, full_lse = torch.ops.flexattn.fwd(q, k, v, *a)
+    outs, lses = [], []
+    for cols in (slice(0, 4), slice(4, 5), slice(5, 13)):
+        o, lse = torch.ops.flexattn.fwd(q, k[:, cols].contiguous(), v[:, cols].contiguous(), *a)
+        outs.append(o)
+        lses.append(lse.transpose(1, 2))
+    out, lse = torch.ops.flexattn.combine(torch.stack(outs), torch.stack(lses))
+    assert_rel_close("out", out, full_out)
+    assert_rel_close("lse", lse.transpose(1, 2), full_lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck and no host synchronisation
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "permuted", "sliced"])
+def test_opcheck_fwd_kvcache(layout, paged):
+    torch.library.opcheck(torch.ops.flexattn.fwd_kvcache.default, _kvcache_op_args(layout, paged))
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_ops_never_sync_host(paged):
+    args = _kvcache_op_args("contiguous", paged)
+    with NoHostSync():
+        torch.ops.flexattn.fwd_kvcache(*args)
+        torch.ops.flexattn.combine(torch.randn(2, 3, 4), torch.randn(2, 3))
