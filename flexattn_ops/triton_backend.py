@@ -18,6 +18,8 @@ from flexattn_ops import triton_tuning as tuning
 from flexattn_ops.params import AttnArgs
 from flexattn_ops.reference import dropout_threshold
 from flexattn_ops.triton_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, bwd_preprocess_kernel
+from flexattn_ops.triton_decode import combine, fwd_kvcache  # noqa: F401  (the KV-cache ops, triton_decode.py)
+from flexattn_ops.triton_decode import unsupported as _decode_unsupported
 from flexattn_ops.triton_fwd import attn_fwd_kernel, attn_probs_kernel
 
 MAX_HEADDIM = 256  # the padded tiles of a 256 head dim already fill the register file (fwd, 128 x 256 fp32)
@@ -25,7 +27,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def unsupported(op: str, q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> Optional[str]:
-    """None if this backend runs `op` ("fwd", "bwd", "probs") on these inputs, else why not."""
+    """None if this backend runs `op` (fwd, bwd, probs, fwd_kvcache, combine) on these inputs, else why not."""
+    if op in ("fwd_kvcache", "combine"):
+        return _decode_unsupported(op, q, k, v, a)
     if op not in ("fwd", "bwd", "probs"):
         return f"the Triton backend has no {op!r} op"
     if a.is_varlen or a.block_table is not None:
