@@ -113,13 +113,16 @@ def measure(fn: Callable, q, k, v, mode: str) -> tuple[Optional[float], str]:
         return None, f"{type(e).__name__}: {str(e)[:90]}"
 
 
-def run(dims: list[tuple[int, int]], seqs: list[int], impls: list[str], rows: list[dict]) -> None:
+def run(dims: list[tuple[int, int]], seqs: list[int], impls: list[str], rows: list[dict], deadline: float) -> None:
     from torch.nn.attention import SDPBackend
 
     for dqk, dv in dims:
         h = 2048 // min(dqk, dv)
         for causal in (False, True):
             for s in seqs:
+                if time.time() > deadline:
+                    print(f"budget spent: skipping d={dqk}/{dv} causal={int(causal)} s={s}", flush=True)
+                    continue
                 b = max(1, 16384 // s)
                 q = torch.randn(b, h, s, dqk, device=DEV, dtype=DT)
                 k = torch.randn(b, h, s, dqk, device=DEV, dtype=DT)
@@ -193,6 +196,8 @@ def main() -> None:
     ap.add_argument("--seqs", default="512,2048,8192,16384")
     ap.add_argument("--pair-seqs", default="2048,8192")
     ap.add_argument("--impls", default="triton,sdpa_flash,sdpa_cudnn,flex")
+    ap.add_argument("--dims", default="", help="override: comma-separated dqk x dv pairs, e.g. 64x64,192x128")
+    ap.add_argument("--budget", type=float, default=1e9, help="seconds: start no new shape after this")
     args = ap.parse_args()
     seqs = [int(x) for x in args.seqs.split(",")]
     impls = args.impls.split(",")
@@ -203,10 +208,14 @@ def main() -> None:
     rows: list[dict] = []
     t0 = time.time()
     try:
-        if args.part in ("core", "all"):
-            run(CORE_DIMS, seqs, impls, rows)
+        deadline = time.time() + args.budget
+        if args.dims:
+            dims = [(int(p.split("x")[0]), int(p.split("x")[1])) for p in args.dims.split(",")]
+            run(dims, seqs, impls, rows, deadline)
+        if args.part in ("core", "all") and not args.dims:
+            run(CORE_DIMS, seqs, impls, rows, deadline)
         if args.part in ("pairs", "all"):
-            run(PAIRS, [int(x) for x in args.pair_seqs.split(",")], impls, rows)
+            run(PAIRS, [int(x) for x in args.pair_seqs.split(",")], impls, rows, deadline)
     finally:
         if rows:
             path = os.path.join(OUT, f"bench_{args.part}.csv")
