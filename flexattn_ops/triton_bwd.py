@@ -19,6 +19,7 @@ import triton.language as tl
 
 from flexattn_ops.triton_common import (
     LOG2E,
+    dim_mask,
     dropout_keep,
     dropout_key,
     keep_mask,
@@ -54,7 +55,7 @@ def bwd_preprocess_kernel(
     h = pid_bh % hq
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_DV)
-    mask = (offs_m[:, None] < sq) & (offs_d[None, :] < DV)
+    mask = (offs_m[:, None] < sq) & (dim_mask(offs_d, DV, BLOCK_DV))
     rows = offs_m[:, None].to(tl.int64)
     o = tl.load(Out + b.to(tl.int64) * stride_ob + h * stride_oh + rows * stride_os + offs_d[None, :], mask=mask)
     do = tl.load(DO + b.to(tl.int64) * stride_db + h * stride_dh + rows * stride_ds + offs_d[None, :], mask=mask)
@@ -117,8 +118,8 @@ def _dkdv_inner(
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         i = offs_m[None, :]
-        q_mask = offs_dk[None, :] < DQK
-        do_mask = offs_dv[None, :] < DV
+        q_mask = dim_mask(offs_dk, DQK, BLOCK_DQK)
+        do_mask = dim_mask(offs_dv, DV, BLOCK_DV)
         if MASKED:
             q_mask = q_mask & (offs_m[:, None] < sq)
             do_mask = do_mask & (offs_m[:, None] < sq)
@@ -128,9 +129,13 @@ def _dkdv_inner(
         else:
             lse = tl.load(Lse_bh + offs_m)
             delta = tl.load(Delta_bh + offs_m)
-        rows = offs_m[:, None].to(tl.int64)
-        q = tl.load(Q_head + rows * stride_qs + offs_dk[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO_head + rows * stride_dos + offs_dv[None, :], mask=do_mask, other=0.0)
+        tile = tl.arange(0, BLOCK_M)[:, None]
+        q = tl.load(
+            Q_head + start_m.to(tl.int64) * stride_qs + tile * stride_qs + offs_dk[None, :], mask=q_mask, other=0.0
+        )
+        do = tl.load(
+            DO_head + start_m.to(tl.int64) * stride_dos + tile * stride_dos + offs_dv[None, :], mask=do_mask, other=0.0
+        )
         # a fully masked row has lse = -inf and must give p = 0: use +inf there
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
         qk_t = mm(k, tl.trans(q), PRECISION)
@@ -244,12 +249,12 @@ def attn_bwd_dkdv_kernel(
     cols = offs_n[:, None].to(tl.int64)
     k = tl.load(
         K + b.to(tl.int64) * stride_kb + (h0 // q_per_k) * stride_kh + cols * stride_ks + offs_dk[None, :],
-        mask=(offs_n[:, None] < sk) & (offs_dk[None, :] < DQK),
+        mask=(offs_n[:, None] < sk) & (dim_mask(offs_dk, DQK, BLOCK_DQK)),
         other=0.0,
     )
     v = tl.load(
         V + b.to(tl.int64) * stride_vb + (h0 // q_per_v) * stride_vh + cols * stride_vs + offs_dv[None, :],
-        mask=(offs_n[:, None] < sk) & (offs_dv[None, :] < DV),
+        mask=(offs_n[:, None] < sk) & (dim_mask(offs_dv, DV, BLOCK_DV)),
         other=0.0,
     )
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], tl.float32)
@@ -407,12 +412,12 @@ def attn_bwd_dkdv_kernel(
     tl.store(
         DK + b.to(tl.int64) * stride_dkb + g_idx * stride_dkh + cols * stride_dks + offs_dk[None, :],
         dk.to(DK.dtype.element_ty),
-        mask=n_mask & (offs_dk[None, :] < DQK),
+        mask=n_mask & (dim_mask(offs_dk, DQK, BLOCK_DQK)),
     )
     tl.store(
         DV_out + b.to(tl.int64) * stride_dvb + g_idx * stride_dvh + cols * stride_dvs + offs_dv[None, :],
         dv.to(DV_out.dtype.element_ty),
-        mask=n_mask & (offs_dv[None, :] < DV),
+        mask=n_mask & (dim_mask(offs_dv, DV, BLOCK_DV)),
     )
 
 
@@ -469,14 +474,18 @@ def _dq_inner(
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         j = offs_n[None, :]
-        k_mask = offs_dk[None, :] < DQK
-        v_mask = offs_dv[None, :] < DV
+        k_mask = dim_mask(offs_dk, DQK, BLOCK_DQK)
+        v_mask = dim_mask(offs_dv, DV, BLOCK_DV)
         if MASKED:
             k_mask = k_mask & (offs_n[:, None] < sk)
             v_mask = v_mask & (offs_n[:, None] < sk)
-        cols = offs_n[:, None].to(tl.int64)
-        k = tl.load(K_head + cols * stride_ks + offs_dk[None, :], mask=k_mask, other=0.0)
-        v = tl.load(V_head + cols * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
+        tile = tl.arange(0, BLOCK_N)[:, None]
+        k = tl.load(
+            K_head + start_n.to(tl.int64) * stride_ks + tile * stride_ks + offs_dk[None, :], mask=k_mask, other=0.0
+        )
+        v = tl.load(
+            V_head + start_n.to(tl.int64) * stride_vs + tile * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0
+        )
         qk = mm(q, tl.trans(k), PRECISION)
         t = 0.0
         if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
@@ -577,12 +586,12 @@ def attn_bwd_dq_kernel(
     row_ok = offs_m[:, None] < sq
     q = tl.load(
         Q + b.to(tl.int64) * stride_qb + h * stride_qh + rows * stride_qs + offs_dk[None, :],
-        mask=row_ok & (offs_dk[None, :] < DQK),
+        mask=row_ok & (dim_mask(offs_dk, DQK, BLOCK_DQK)),
         other=0.0,
     )
     do = tl.load(
         DO + b.to(tl.int64) * stride_dob + h * stride_doh + rows * stride_dos + offs_dv[None, :],
-        mask=row_ok & (offs_dv[None, :] < DV),
+        mask=row_ok & (dim_mask(offs_dv, DV, BLOCK_DV)),
         other=0.0,
     )
     lse = tl.load(Lse + pid_bh.to(tl.int64) * sq + offs_m, mask=offs_m < sq, other=float("inf"))
@@ -738,5 +747,5 @@ def attn_bwd_dq_kernel(
     tl.store(
         DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + rows * stride_dqs + offs_dk[None, :],
         dq.to(DQ.dtype.element_ty),
-        mask=row_ok & (offs_dk[None, :] < DQK),
+        mask=row_ok & (dim_mask(offs_dk, DQK, BLOCK_DQK)),
     )

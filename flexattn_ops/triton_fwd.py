@@ -15,6 +15,7 @@ import triton.language as tl
 from flexattn_ops.triton_common import (
     LN2,
     LOG2E,
+    dim_mask,
     dropout_keep,
     dropout_key,
     keep_mask,
@@ -73,12 +74,16 @@ def _fwd_inner(
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         j = offs_n[None, :]
-        k_mask = offs_dk[None, :] < DQK
-        v_mask = offs_dv[None, :] < DV
+        k_mask = dim_mask(offs_dk, DQK, BLOCK_DQK)
+        v_mask = dim_mask(offs_dv, DV, BLOCK_DV)
         if MASKED:
             k_mask = k_mask & (offs_n[:, None] < sk)
             v_mask = v_mask & (offs_n[:, None] < sk)
-        k = tl.load(K_head + offs_n[:, None] * stride_ks + offs_dk[None, :], mask=k_mask, other=0.0)
+        # 64-bit scalar tile base, 32-bit offsets inside the tile (fewer registers than 64-bit per element)
+        tile = tl.arange(0, BLOCK_N)[:, None]
+        k = tl.load(
+            K_head + start_n.to(tl.int64) * stride_ks + tile * stride_ks + offs_dk[None, :], mask=k_mask, other=0.0
+        )
         qk = mm(q, tl.trans(k), PRECISION)
         if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
             bias = 0.0
@@ -101,7 +106,9 @@ def _fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             p = tl.where(dropout_keep(drop_key, bh, i, j, drop_threshold), p, 0.0)
-        v = tl.load(V_head + offs_n[:, None] * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0)
+        v = tl.load(
+            V_head + start_n.to(tl.int64) * stride_vs + tile * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0
+        )
         acc = acc * alpha[:, None] + mm(to_operand(p, v, PRECISION), v, PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -173,7 +180,7 @@ def attn_fwd_kernel(
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs
-    q = tl.load(q_ptrs + offs_dk[None, :], mask=(offs_m[:, None] < sq) & (offs_dk[None, :] < DQK), other=0.0)
+    q = tl.load(q_ptrs + offs_dk[None, :], mask=(offs_m[:, None] < sq) & (dim_mask(offs_dk, DQK, BLOCK_DQK)), other=0.0)
     K_head = K + b.to(tl.int64) * stride_kb + (h // q_per_k) * stride_kh
     V_head = V + b.to(tl.int64) * stride_vb + (h // q_per_v) * stride_vh
     Bias_head = Bias + b.to(tl.int64) * stride_bb + h * stride_bh
@@ -325,7 +332,7 @@ def attn_fwd_kernel(
     tl.store(
         o_ptrs + offs_dv[None, :],
         out.to(Out.dtype.element_ty),
-        mask=(offs_m[:, None] < sq) & (offs_dv[None, :] < DV),
+        mask=(offs_m[:, None] < sq) & (dim_mask(offs_dv, DV, BLOCK_DV)),
     )
     tl.store(Lse + pid_bh.to(tl.int64) * sq + offs_m, lse, mask=offs_m < sq)
 
@@ -385,12 +392,12 @@ def attn_probs_kernel(
     j = offs_n[None, :]
     q = tl.load(
         Q + b.to(tl.int64) * stride_qb + h * stride_qh + i * stride_qs + offs_d[None, :],
-        mask=(i < sq) & (offs_d[None, :] < DQK),
+        mask=(i < sq) & (dim_mask(offs_d, DQK, BLOCK_DQK)),
         other=0.0,
     )
     k = tl.load(
         K + b.to(tl.int64) * stride_kb + (h // q_per_k) * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
-        mask=(offs_n[:, None] < sk) & (offs_d[None, :] < DQK),
+        mask=(offs_n[:, None] < sk) & (dim_mask(offs_d, DQK, BLOCK_DQK)),
         other=0.0,
     )
     qk = mm(q, tl.trans(k), PRECISION)
