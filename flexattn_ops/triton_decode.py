@@ -35,7 +35,7 @@ from torch import Tensor
 
 from flexattn_ops import triton_tuning as tuning
 from flexattn_ops.params import AttnArgs, KVCacheArgs
-from flexattn_ops.triton_common import LN2, LOG2E, keep_mask, mm, score_mods, to_operand
+from flexattn_ops.triton_common import LN2, LOG2E, dim_mask, keep_mask, mm, score_mods, to_operand
 
 MAX_HEADDIM = 256
 MAX_SPLITS = 128  # partials are (splits, b, sq, hq, dv) float32; 128 splits of 1 row x 32 heads x 128 = 2 MB
@@ -622,7 +622,7 @@ def kvcache_fwd_kernel(
         + head[:, None] * stride_oh
         + offs_dv[None, :]
     )
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dim_mask(offs_dv, DV, BLOCK_DV))
     l_ptrs = Lse + split.to(tl.int64) * stride_lsp + b.to(tl.int64) * stride_lb + head * stride_lh + qi * stride_ls
     tl.store(l_ptrs, lse, mask=row_ok)
 
@@ -670,7 +670,7 @@ def combine_kernel(
     r0 = (row // (n1 * n2)).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_DV)
-    d_ok = offs_d[None, :] < DV
+    d_ok = dim_mask(offs_d, DV, BLOCK_DV)  # constant-true when DV is a power of 2: vector loads
     p_row = OutP + r0 * stride_p0 + r1 * stride_p1 + r2 * stride_p2
     q_row = LseP + r0 * stride_q0 + r1 * stride_q1 + r2 * stride_q2
     m = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
@@ -700,7 +700,7 @@ def combine_kernel(
     out = acc / den_safe
     lse = tl.where(den > 0.0, m_safe + tl.log(den_safe), float("-inf"))
     o_row = Out + r0 * stride_o0 + r1 * stride_o1 + r2 * stride_o2
-    tl.store(o_row + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < DV)
+    tl.store(o_row + offs_d[None, :], out.to(Out.dtype.element_ty)[None, :], mask=d_ok)
     tl.store(Lse + r0 * stride_l0 + r1 * stride_l1 + r2 * stride_l2, lse)
 
 
