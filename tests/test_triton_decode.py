@@ -307,3 +307,43 @@ def test_ops_never_sync_host(paged):
     with NoHostSync():
         torch.ops.flexattn.fwd_kvcache(*args)
         torch.ops.flexattn.combine(torch.randn(2, 3, 4), torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_feature_combinations(seed):
+    """Every feature at once in random combinations (rotary x leftpad x pages x splits x masks x heads x
+    dtypes), for the interactions the one-feature tests above do not reach."""
+    g = torch.Generator().manual_seed(2000 + seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    hq, hk, hv = pick([(4, 2, 1), (6, 3, 2), (2, 2, 2), (8, 1, 4), (8, 2, 2)])
+    dqk, dv = pick([(16, 16), (24, 8), (8, 40), (32, 32)])
+    s_new = pick([0, 1, 4])
+    page = pick([None, 1, 3, 16, 32])
+    kwargs = {"causal": pick([False, True]), "num_splits": pick([0, 1, 2, 7])}
+    if pick([False, True]):
+        kwargs["window_size"] = (pick([-1, 0, 3, 20]), pick([-1, 0, 2]))
+    if pick([False, True]):
+        kwargs["softcap"] = 1.3
+    if pick([False, True]):
+        kwargs["alibi_slopes"] = torch.rand(pick([(hq,), (3, hq)]), generator=g) + 0.1
+    if pick([False, True]):
+        kwargs["sinks"] = torch.randn(hq, generator=g)
+    case = make_case(
+        heads=(hq, hk, hv),
+        dims=(dqk, dv),
+        sq=pick([1, 2, 5]),
+        s_new=s_new,
+        page=page,
+        cache_len=pick([9, 40, 70]),
+        leftpad=pick([False, True]),
+        batch_idx=page is None and pick([False, True]),
+        rotary_dim=pick([None, 8]) if s_new else None,
+        dtype=pick([torch.float32, torch.bfloat16, torch.float16]),
+        rotary_interleaved=pick([False, True]),
+        seed=seed,
+        **kwargs,
+    )
+    check(case)
