@@ -104,7 +104,7 @@ class Inputs:
 
     def __init__(self, b: int, sk: int):
         self.b, self.sk = b, sk
-        self.copies = max(1, min(8, math.ceil(ROTATE_BYTES / kv_bytes(b, sk))))
+        self.copies = max(1, min(32, math.ceil(ROTATE_BYTES / kv_bytes(b, sk))))
         g = torch.Generator(device=DEV).manual_seed(b * 100003 + sk)
         self.q = torch.randn(b, 1, H, D, device=DEV, dtype=DT, generator=g)
         self.k_new = torch.randn(b, 1, HK, D, device=DEV, dtype=DT, generator=g)
