@@ -247,6 +247,46 @@ def test_rotary(interleaved, rotary_dim, causal, leftpad, page):
     check(case)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_random_feature_combinations(seed):
+    """Every feature at once in random combinations: interactions (rotary x leftpad x pages x splits x
+    masks x heads) that the one-feature tests above do not reach."""
+    g = torch.Generator().manual_seed(1000 + seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    hq, hk, hv = pick([(4, 2, 1), (6, 3, 2), (2, 2, 2), (8, 1, 4)])
+    dqk, dv = pick([(16, 16), (24, 8), (8, 40)])
+    s_new = pick([0, 1, 4])
+    page = pick([None, 1, 3, 16, 256])
+    kwargs = {"causal": pick([False, True]), "num_splits": pick([0, 1, 2, 7])}
+    if pick([False, True]):
+        kwargs["window_size"] = (pick([-1, 0, 3]), pick([-1, 0, 2]))
+    if pick([False, True]):
+        kwargs["softcap"] = 1.3
+    if pick([False, True]):
+        kwargs["alibi_slopes"] = torch.rand(pick([(hq,), (3, hq)]), generator=g) + 0.1
+    if pick([False, True]):
+        kwargs["sinks"] = torch.randn(hq, generator=g)
+    case = make_case(
+        heads=(hq, hk, hv),
+        dims=(dqk, dv),
+        sq=pick([1, 2, 5]),
+        s_new=s_new,
+        page=page,
+        cache_len=pick([9, 40]) if page != 256 else 300,
+        leftpad=pick([False, True]),
+        batch_idx=page is None and pick([False, True]),
+        rotary_dim=pick([None, 8]) if s_new else None,
+        dtype=pick(DTYPES),
+        rotary_interleaved=pick([False, True]),
+        seed=seed,
+        **kwargs,
+    )
+    check(case)
+
+
 @pytest.mark.parametrize("page", [None, 16])
 def test_float16(page):
     check(make_case(sq=3, s_new=2, page=page, dtype=torch.float16, causal=True, rotary_dim=8, num_splits=2))
