@@ -12,6 +12,13 @@ from flexattn_ops.params import AttnArgs
 from tests.helpers import layouts, rand_qkv
 
 LAYOUTS = ["contiguous", "permuted", "sliced"]
+# On a GPU machine the same checks run on CUDA tensors, i.e. on the backend `auto` picks there.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def on(a: AttnArgs, device: str) -> AttnArgs:
+    """The same arguments with every tensor moved to `device`."""
+    return a._replace(**{f: t.to(device) for f, t in a._asdict().items() if isinstance(t, torch.Tensor)})
 
 
 FEATURE_ARGS = {
@@ -29,36 +36,41 @@ FEATURE_ARGS = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("feature", list(FEATURE_ARGS))
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_fwd(layout, feature, requires_grad):
+def test_opcheck_fwd(device, layout, feature, requires_grad):
     b, sq, sk, hq = 2, 7, 11, 4
     q, k, v = (
-        layouts(x, layout).requires_grad_(requires_grad) for x in rand_qkv(b, sq, sk, hq, 2, 1, 16, 24, torch.float32)
+        layouts(x, layout).requires_grad_(requires_grad)
+        for x in rand_qkv(b, sq, sk, hq, 2, 1, 16, 24, torch.float32, device=device)
     )
-    a = FEATURE_ARGS[feature](b, hq, sq, sk)
+    a = on(FEATURE_ARGS[feature](b, hq, sq, sk), device)
     if requires_grad and a.attn_bias is not None:
         a = a._replace(attn_bias=a.attn_bias.requires_grad_(), sinks=a.sinks.requires_grad_())
     torch.library.opcheck(torch.ops.flexattn.fwd.default, (q, k, v, *a))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("feature", list(FEATURE_ARGS))
-def test_opcheck_bwd(layout, feature):
+def test_opcheck_bwd(device, layout, feature):
     b, sq, sk, hq = 2, 7, 11, 4
-    q, k, v = (layouts(x, layout) for x in rand_qkv(b, sq, sk, hq, 2, 1, 16, 24, torch.float32))
-    a = FEATURE_ARGS[feature](b, hq, sq, sk)
+    q, k, v = (layouts(x, layout) for x in rand_qkv(b, sq, sk, hq, 2, 1, 16, 24, torch.float32, device=device))
+    a = on(FEATURE_ARGS[feature](b, hq, sq, sk), device)
     out, lse = torch.ops.flexattn.fwd(q, k, v, *a)
     dout = layouts(torch.randn_like(out), layout)
     for bias_grad in (False, True):
         torch.library.opcheck(torch.ops.flexattn.bwd.default, (dout, q, k, v, out, lse, *a, bias_grad))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck_probs(layout):
-    q, k, v = (layouts(x, layout) for x in rand_qkv(2, 5, 9, 2, 1, 1, 8, 8, torch.float32))
-    torch.library.opcheck(torch.ops.flexattn.probs.default, (q, k, v, *FEATURE_ARGS["dropout"](2, 2, 5, 9)))
+def test_opcheck_probs(device, layout):
+    q, k, v = (layouts(x, layout) for x in rand_qkv(2, 5, 9, 2, 1, 1, 8, 8, torch.float32, device=device))
+    a = on(FEATURE_ARGS["dropout"](2, 2, 5, 9), device)
+    torch.library.opcheck(torch.ops.flexattn.probs.default, (q, k, v, *a))
 
 
 def test_fwd_output_strides_match_fake():
