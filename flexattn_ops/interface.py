@@ -83,7 +83,9 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs, return_attn_probs: 
         if a.dropout_p > 0.0:
             raise NotImplementedError("return_attn_probs with dropout_p > 0: only dense (not varlen) inputs")
         return out, lse, None
-    return out, lse, torch.ops.flexattn.probs(q, k, v, *a)
+    with torch.no_grad():  # like flash-attn's S_dmask, the probabilities carry no gradient
+        probs = torch.ops.flexattn.probs(q, k, v, *a)
+    return out, lse, probs
 
 
 def flash_attn_func(

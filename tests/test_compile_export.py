@@ -105,3 +105,31 @@ def test_aoti_compile_and_package_cpu(inductor_cache):
     for seqlen in (9, 61):
         x = torch.randn(2, seqlen, 64)
         assert_rel_close("aoti", runner(x), block(x).double())
+
+
+def test_compiled_dropout_is_reproducible_and_backward_replays_the_mask(inductor_cache):
+    """The seed/offset are a tensor argument drawn in the graph: the same generator state gives
+    the same mask, and backward's gradients are those of the forward's mask."""
+    from flexattn_ops import flash_attn_func
+    from flexattn_ops.testing import attention_ref
+    from tests.helpers import rand_qkv
+
+    q, k, v = rand_qkv(2, 19, 23, 4, 2, 2, 16, 16, torch.float32, requires_grad=True)
+
+    def attend(q, k, v):
+        return flash_attn_func(q, k, v, dropout_p=0.25, causal=True, return_attn_probs=True)
+
+    compiled = torch.compile(attend, fullgraph=True)
+    torch.manual_seed(7)
+    out1, _, probs1 = compiled(q, k, v)
+    torch.manual_seed(7)
+    out2, _, probs2 = compiled(q, k, v)
+    assert torch.equal(out1, out2) and torch.equal(probs1, probs2)
+    keep = probs1 >= 0
+    ref, _ = attention_ref(q, k, v, causal=True, dropout_p=0.25, dropout_keep=keep)
+    assert_rel_close("out", out1, ref)
+    dout = torch.randn_like(out1)
+    grads = torch.autograd.grad(out1, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.double())
+    for name, g, rg in zip("qkv", grads, ref_grads, strict=True):
+        assert_rel_close(f"d{name}", g, rg, 1e-5, atol=1e-5)
