@@ -25,6 +25,7 @@ from flexattn_ops.triton_common import (
     keep_mask,
     key_tile_bounds,
     mm,
+    mma,
     query_tile_bounds,
     score_mods,
     to_operand,
@@ -160,11 +161,11 @@ def _dkdv_inner(
             dp_t = tl.where(kept, dp_t * drop_rescale, 0.0)
         else:
             pd_t = p_t
-        dv += mm(to_operand(pd_t, do, PRECISION), do, PRECISION)
+        dv = mma(to_operand(pd_t, do, PRECISION), do, dv, PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         if HAS_SOFTCAP:
             ds_t = ds_t * (1.0 - t * t)
-        dk += mm(to_operand(ds_t, q, PRECISION), q, PRECISION)
+        dk = mma(to_operand(ds_t, q, PRECISION), q, dk, PRECISION)
     return dk, dv
 
 
@@ -509,7 +510,7 @@ def _dq_inner(
             tl.store(DBias_bh + i.to(tl.int64) * sk + j, ds, mask=(i < sq) & (j < sk))
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq += mm(to_operand(ds, k, PRECISION), k, PRECISION)
+        dq = mma(to_operand(ds, k, PRECISION), k, dq, PRECISION)
     return dq
 
 

@@ -21,6 +21,7 @@ from flexattn_ops.triton_common import (
     keep_mask,
     key_tile_bounds,
     mm,
+    mma,
     score_mods,
     to_operand,
 )
@@ -65,6 +66,7 @@ def _fwd_inner(
     HAS_ALIBI: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    PLAIN: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     offs_dk = tl.arange(0, BLOCK_DQK)
@@ -85,31 +87,39 @@ def _fwd_inner(
             K_head + start_n.to(tl.int64) * stride_ks + tile * stride_ks + offs_dk[None, :], mask=k_mask, other=0.0
         )
         qk = mm(q, tl.trans(k), PRECISION)
-        if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
-            bias = 0.0
-            if HAS_BIAS:
-                bias = tl.load(Bias_head + i * stride_bm + j * stride_bn, mask=(i < sq) & (j < sk), other=0.0).to(
-                    tl.float32
-                )
-            s, _t = score_mods(qk, i, j, sm_scale, softcap, slope, bias, off, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
-            s = s * LOG2E
+        if PLAIN and not MASKED:
+            # no score mods, scale > 0, no mask: max over raw qk (BM multiplies, not BM x BN) and one
+            # FMA per score for the exponent; every score is finite, so m_new is too
+            qk_scale = sm_scale * LOG2E
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
         else:
-            s = qk * (sm_scale * LOG2E)
-        if MASKED:
-            keep = keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row with every key so far masked has m_new = -inf: subtract 0 instead (no inf - inf NaN)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+            if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
+                bias = 0.0
+                if HAS_BIAS:
+                    bias = tl.load(Bias_head + i * stride_bm + j * stride_bn, mask=(i < sq) & (j < sk), other=0.0).to(
+                        tl.float32
+                    )
+                s, _t = score_mods(qk, i, j, sm_scale, softcap, slope, bias, off, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+                s = s * LOG2E
+            else:
+                s = qk * (sm_scale * LOG2E)
+            if MASKED:
+                keep = keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+                s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row with every key so far masked has m_new = -inf: subtract 0 instead (no inf - inf NaN)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             p = tl.where(dropout_keep(drop_key, bh, i, j, drop_threshold), p, 0.0)
         v = tl.load(
             V_head + start_n.to(tl.int64) * stride_vs + tile * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0
         )
-        acc = acc * alpha[:, None] + mm(to_operand(p, v, PRECISION), v, PRECISION)
+        acc = mma(to_operand(p, v, PRECISION), v, acc * alpha[:, None], PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -166,6 +176,7 @@ def attn_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_SINKS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    PLAIN: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Grid (cdiv(sq, BLOCK_M), b * hq). Out (b, sq, hq, dv) strided; Lse (b, hq, sq) contiguous float32."""
@@ -235,6 +246,7 @@ def attn_fwd_kernel(
         HAS_ALIBI,
         HAS_BIAS,
         HAS_DROPOUT,
+        PLAIN,
         PRECISION,
     )
     acc, m_i, l_i = _fwd_inner(
@@ -275,6 +287,7 @@ def attn_fwd_kernel(
         HAS_ALIBI,
         HAS_BIAS,
         HAS_DROPOUT,
+        PLAIN,
         PRECISION,
     )
     acc, m_i, l_i = _fwd_inner(
@@ -315,6 +328,7 @@ def attn_fwd_kernel(
         HAS_ALIBI,
         HAS_BIAS,
         HAS_DROPOUT,
+        PLAIN,
         PRECISION,
     )
     if HAS_SINKS:

@@ -3,7 +3,8 @@
 A configuration is ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` for one kernel
 (``fwd``, ``dkdv``, ``dq``). Lookup order for a key (GPU name, Triton version, dtype, dqk, dv, causal):
 1. ``TUNED`` (`flexattn_ops.triton_configs`, written by `benchmarks/tune_triton.py` from a device run);
-2. the cache file (``$FLEXATTN_CACHE_DIR`` or ``~/.cache/flexattn_ops``)/``triton_tuning.json``;
+2. the cache file (``$FLEXATTN_CACHE_DIR`` or ``~/.cache/flexattn_ops``)/``triton_tuning.json``
+   (both skipped with ``FLEXATTN_TRITON_RETUNE=1``);
 3. tune now: time every candidate on the call's own inputs with `triton.testing.do_bench`, keep the
    fastest, write it to the cache file (so a second process does not re-tune).
 Tuning is skipped (a heuristic default is used) under ``TRITON_INTERPRET=1``, while a CUDA graph is
@@ -12,6 +13,7 @@ being captured (timing would synchronise), or with ``FLEXATTN_TRITON_AUTOTUNE=0`
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -44,11 +46,20 @@ def _pad(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    # cached: get_device_name queries the driver (microseconds on every call otherwise)
+    return torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else device.type
+
+
+@functools.cache
 def config_key(kernel: str, device: torch.device, dtype: torch.dtype, dqk: int, dv: int, causal: bool) -> str:
     """Cache key: head dims are rounded to the padded tile dims (40 and 64 share tiles)."""
-    name = torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else device.type
     dt = str(dtype).replace("torch.", "")
-    return f"{kernel}|{name}|triton{triton.__version__}|{dt}|{_pad(dqk)}x{_pad(dv)}|{'causal' if causal else 'full'}"
+    return (
+        f"{kernel}|{_device_name(device)}|triton{triton.__version__}|{dt}|{_pad(dqk)}x{_pad(dv)}|"
+        f"{'causal' if causal else 'full'}"
+    )
 
 
 def default_config(kernel: str, dtype: torch.dtype, dqk: int, dv: int) -> Config:
@@ -86,13 +97,23 @@ def candidates(kernel: str, dtype: torch.dtype, dqk: int, dv: int) -> list[Confi
     width = _pad(dqk) + _pad(dv)
     out: list[Config] = [default_config(kernel, dtype, dqk, dv)]
     if kernel == "fwd":
-        grid = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 2)]
+        grid = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 3)]
         if width <= 128:
-            grid += [(128, 128, 4, 3)]
+            grid += [(128, 128, 4, 3), (128, 64, 4, 4)]
+        if width > 256:
+            grid += [(64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 3)]
     elif kernel == "dkdv":
-        grid = [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 3), (16, 64, 4, 2)]
+        grid = [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 3)]
+        if width > 256:
+            grid += [(64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (64, 32, 4, 2), (16, 64, 4, 2)]
+        else:
+            grid += [(128, 128, 8, 2), (64, 64, 8, 3)]
     else:
-        grid = [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 3), (32, 64, 4, 2)]
+        grid = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3)]
+        if width > 256:
+            grid += [(64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2), (128, 32, 8, 3)]
+        else:
+            grid += [(128, 128, 8, 2)]
     for m, n, w, s in grid:
         cfg = {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
         if cfg not in out:
@@ -153,7 +174,9 @@ def get_config(
     if cfg is not None:
         return cfg
     with _lock:
-        cfg = _tuned_table().get(key) or _load_disk().get(key)
+        # FLEXATTN_TRITON_RETUNE=1 (benchmarks/tune_triton.py) ignores the table and the cache file
+        retune = os.environ.get("FLEXATTN_TRITON_RETUNE") == "1"
+        cfg = None if retune else (_tuned_table().get(key) or _load_disk().get(key))
         if cfg is None and launch is not None and _may_tune(device):
             cfg = _tune(launch, candidates(kernel, dtype, dqk, dv))
             if cfg is not None:
@@ -170,7 +193,7 @@ def _tune(launch: Callable[[Config], None], cands: list[Config]) -> Optional[Con
     best, best_ms = None, float("inf")
     for cfg in cands:
         try:
-            ms = do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20, return_mode="median")
+            ms = do_bench(lambda cfg=cfg: launch(cfg), warmup=10, rep=40, return_mode="median")
         except Exception:  # noqa: BLE001  (out of shared memory / registers: not a candidate here)
             continue
         if ms < best_ms:
