@@ -161,6 +161,7 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> tuple[Tensor, Tensor]:
             HAS_BIAS=c["HAS_BIAS"],
             HAS_SINKS=a.sinks is not None,
             HAS_DROPOUT=c["HAS_DROPOUT"],
+            PLAIN=not (c["HAS_SOFTCAP"] or c["HAS_ALIBI"] or c["HAS_BIAS"]) and a.softmax_scale > 0,
             PRECISION=c["PRECISION"],
             **_launch_opts(cfg),
         )
