@@ -48,7 +48,7 @@ DEV = "cuda"
 OUT = os.environ.get("OUT", "/tmp")
 H, HK, D = 32, 8, 128
 SHAPES = [(1, 2048), (1, 8192), (1, 32768), (16, 8192), (64, 4096), (128, 2048)]
-FLEX_SHAPES = [(1, 32768), (64, 4096)]
+FLEX_SHAPES = [(1, 32768), (64, 4096)]  # FlexAttention compiles per shape: the two that matter most
 ROTATE_BYTES = 256 << 20  # replicate K/V until the copies exceed 5x the 50 MB L2
 
 
@@ -230,43 +230,79 @@ def flex_paged(x: Inputs, q: torch.Tensor) -> list[Callable[[], object]]:
     return fns
 
 
-def sweep(x: Inputs, rows: list[dict], deadline: float) -> None:
-    """Tile configs x split counts of the kernel itself (graph-timed), for the defaults in decode_config."""
+def sweep(x: Inputs, rows: list[dict], deadline: float, paged: bool) -> None:
+    """Tile configs x split counts of the kernel itself (graph-timed) on the contiguous cache, and a smaller
+    grid on paged caches (pages of 256 and 16) when `paged`: the data for the defaults in decode_config."""
     base = triton_decode.decode_config(DT, D, D, H // HK)
-    cache_len = x.sk
-    c = KVCacheArgs(softmax_scale=1 / math.sqrt(D))
-    heur = triton_decode.choose_num_splits(0, x.b * HK, cache_len, base["BLOCK_N"], torch.device(DEV))
+    heur = triton_decode.choose_num_splits(0, x.b * HK, x.sk, base["BLOCK_N"], torch.device(DEV))
     splits = sorted({max(1, heur // 2), heur, min(128, heur * 2), 1})
-    for bn, warps, stages, s in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), splits):
-        if time.time() > deadline:
-            print("sweep: deadline reached", flush=True)
-            return
-        cfg = {"BLOCK_M": base["BLOCK_M"], "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "num_splits": s}
-        try:
+    caches: list[tuple[str, list, list, Optional[torch.Tensor]]] = [("contig", x.kc, x.vc, None)]
+    if paged:
+        for page in (256, 16):
+            kp, vp, table = x.paged(page)
+            caches.append((f"paged{page}", kp, vp, table))
+    for cache, kcs, vcs, table in caches:
+        c = KVCacheArgs(block_table=table, softmax_scale=1 / math.sqrt(D))
+        grid = itertools.product((32, 64, 128), (4, 8), (2, 3, 4), splits)
+        if cache != "contig":
+            grid = itertools.product((32, 64, 128), (4,), (2, 3, 4), [heur])
+        for bn, warps, stages, n_splits in grid:
+            if time.time() > deadline:
+                print("sweep: deadline reached", flush=True)
+                return
+            cfg = {
+                "BLOCK_M": base["BLOCK_M"],
+                "BLOCK_N": bn,
+                "num_warps": warps,
+                "num_stages": stages,
+                "num_splits": n_splits,
+            }
             fns = [
-                lambda k=k, v=v, cfg=cfg: triton_decode.fwd_kvcache(x.q, k, v, c, config=cfg)
-                for k, v in zip(x.kc, x.vc, strict=True)
+                lambda k=k, v=v, cfg=cfg, c=c: triton_decode.fwd_kvcache(x.q, k, v, c, config=cfg)
+                for k, v in zip(kcs, vcs, strict=True)
             ]
-            ms = time_graph(fns)
+            try:
+                ms = time_graph(fns)
+            except Exception as e:  # noqa: BLE001
+                print(f"sweep {cache} {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+                continue
+            gbs = kv_bytes(x.b, x.sk) / (ms * 1e-3) / 1e9
+            rows.append(
+                dict(
+                    cache=cache,
+                    b=x.b,
+                    sk=x.sk,
+                    BLOCK_N=bn,
+                    num_warps=warps,
+                    num_stages=stages,
+                    splits=n_splits,
+                    heuristic=heur,
+                    ms=round(ms, 5),
+                    gbs=round(gbs, 1),
+                )
+            )
+        best = max((r for r in rows if (r["b"], r["sk"], r["cache"]) == (x.b, x.sk, cache)), key=lambda r: r["gbs"])
+        print(f"sweep {cache} b={x.b} sk={x.sk}: best {best}", flush=True)
+
+
+def measure(name: str, fns: list[Callable[[], object]], b: int, sk: int, rows: list[dict], copy_gbs: float) -> None:
+    """Graph- and eager-timed GB/s of one implementation; a failure is printed and recorded as NaN."""
+    for mode, timer in (("graph", time_graph), ("eager", time_eager)):
+        try:
+            ms = timer(fns)
         except Exception as e:  # noqa: BLE001
-            print(f"sweep {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
-            continue
-        gbs = kv_bytes(x.b, x.sk) / (ms * 1e-3) / 1e9
+            ms = float("nan")
+            print(f"{name} b={b} sk={sk} {mode}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+        gbs = kv_bytes(b, sk) / (ms * 1e-3) / 1e9
         rows.append(
             dict(
-                b=x.b,
-                sk=x.sk,
-                BLOCK_N=bn,
-                num_warps=warps,
-                num_stages=stages,
-                splits=s,
-                heuristic=heur,
-                ms=round(ms, 5),
-                gbs=round(gbs, 1),
+                impl=name, b=b, sk=sk, mode=mode, ms=round(ms, 5), gbs=round(gbs, 1), frac_copy=round(gbs / copy_gbs, 3)
             )
         )
-    best = max((r for r in rows if r["b"] == x.b and r["sk"] == x.sk), key=lambda r: r["gbs"], default=None)
-    print(f"sweep b={x.b} sk={x.sk}: best {best}", flush=True)
+        print(
+            f"  {name:20s} b={b:3d} sk={sk:5d} {mode:5s} {ms:.4f} ms {gbs:7.0f} GB/s {gbs / copy_gbs:.2f} of copy",
+            flush=True,
+        )
 
 
 def _write(rows: list[dict], name: str) -> None:
@@ -281,6 +317,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--deadline", type=float, default=1e9, help="seconds from the start: no sweeping after")
+    parser.add_argument("--flex-deadline", type=float, default=1e9, help="seconds from the start: no flex after")
     args = parser.parse_args()
     t_start = time.time()
     torch._dynamo.config.recompile_limit = 10**6
@@ -298,51 +335,48 @@ def main() -> None:
     rows: list[dict] = []
     sweep_rows: list[dict] = []
     for b, sk in SHAPES:
-        x = Inputs(b, sk)
-        impls: dict[str, list[Callable[[], object]]] = {}
-        ours = ours_variants(x)
-        impls.update({name: fns for name, (fns, _) in ours.items()})
-        # compiled FlexAttention costs ~20 s a shape to compile: two shapes, while time allows
-        impls.update(peer_variants(x, (b, sk) in FLEX_SHAPES and time.time() < t_start + 150))
-        # correctness beside cuDNN on the first copy (bf16: both round the same float32 softmax)
-        ref = impls["sdpa_cudnn"][0]().transpose(1, 2).float()
-        err = (impls["ours"][0]().float() - ref).abs().max().item()
-        paged_err = (impls["ours_paged16"][0]().float() - ref).abs().max().item()
-        print(f"b={b} sk={sk}: max |ours - cudnn| = {err:.2e}, paged16 {paged_err:.2e}", flush=True)
-        for name, fns in impls.items():
-            res = {}
-            for mode, timer in (("graph", time_graph), ("eager", time_eager)):
-                try:
-                    res[mode] = timer(fns)
-                except Exception as e:  # noqa: BLE001
-                    res[mode] = float("nan")
-                    print(f"{name} b={b} sk={sk} {mode}: {type(e).__name__}: {str(e)[:160]}", flush=True)
-            for mode, ms in res.items():
-                gbs = kv_bytes(b, sk) / (ms * 1e-3) / 1e9
-                rows.append(
-                    dict(
-                        impl=name,
-                        b=b,
-                        sk=sk,
-                        mode=mode,
-                        ms=round(ms, 5),
-                        gbs=round(gbs, 1),
-                        frac_copy=round(gbs / copy_gbs, 3),
-                        max_err=round(err, 5),
-                    )
-                )
-                print(f"  {name:20s} {mode:5s} {ms:.4f} ms {gbs:7.0f} GB/s {gbs / copy_gbs:.2f} of copy", flush=True)
+        try:
+            x = Inputs(b, sk)
+            impls = {name: fns for name, (fns, _) in ours_variants(x).items()}
+            impls.update(peer_variants(x, flex_too=False))
+            # correctness beside cuDNN on the first copy (bf16 outputs of the same float32 softmax)
+            ref = impls["sdpa_cudnn"][0]().transpose(1, 2).float()
+            errs = {
+                n: (impls[n][0]().float() - ref).abs().max().item() for n in ("ours", "ours_paged256", "ours_paged16")
+            }
+            print(f"b={b} sk={sk}: max |ours - cudnn| {errs}", flush=True)
+            for name, fns in impls.items():
+                measure(name, fns, b, sk, rows, copy_gbs)
+        except Exception as e:  # noqa: BLE001
+            print(f"b={b} sk={sk}: {type(e).__name__}: {str(e)[:300]}", flush=True)
         _write(rows, "bench_decode.csv")
-        del x, impls, ours
+        x = impls = None  # type: ignore[assignment]
         torch.cuda.empty_cache()
-    for b, sk in SHAPES if args.sweep else []:
+    # the sweep, most important shapes first, then FlexAttention (its compile takes ~20 s a shape)
+    order = [(1, 32768), (16, 8192), (64, 4096), (128, 2048), (1, 8192), (1, 2048)]
+    for b, sk in order if args.sweep else []:
         if time.time() > t_start + args.deadline:
             break
-        x = Inputs(b, sk)
-        sweep(x, sweep_rows, t_start + args.deadline)
+        try:
+            x = Inputs(b, sk)
+            sweep(x, sweep_rows, t_start + args.deadline, paged=(b, sk) in ((1, 32768), (64, 4096)))
+        except Exception as e:  # noqa: BLE001
+            print(f"sweep b={b} sk={sk}: {type(e).__name__}: {str(e)[:300]}", flush=True)
         _write(sweep_rows, "decode_sweep.csv")
-        del x
+        x = None  # type: ignore[assignment]
         torch.cuda.empty_cache()
+    for b, sk in FLEX_SHAPES:
+        if time.time() > t_start + args.flex_deadline:
+            print("flex: skipped (time)", flush=True)
+            break
+        try:
+            x = Inputs(b, sk)
+            for name, fns in peer_variants(x, flex_too=True).items():
+                if name.startswith("flex"):
+                    measure(name, fns, b, sk, rows, copy_gbs)
+        except Exception as e:  # noqa: BLE001
+            print(f"flex b={b} sk={sk}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        _write(rows, "bench_decode.csv")
     # table: GB/s (graph / eager) per impl and shape, ratio of ours to cuDNN
     by = {(r["impl"], r["b"], r["sk"], r["mode"]): r["gbs"] for r in rows}
     names = list(dict.fromkeys(r["impl"] for r in rows))
