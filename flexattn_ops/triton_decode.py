@@ -589,7 +589,7 @@ def kvcache_fwd_kernel(
                     v,
                     qa,
                     p,
-                    t_ok[None, :],
+                    (t_ok & (slots >= leftpad))[None, :],  # as the reference: slots before leftpad never count
                     slope,
                     sm_scale,
                     softcap,
