@@ -359,33 +359,6 @@ def test_int_cache_seqlens_and_return_values():
     assert isinstance(res, tuple) and len(res) == 2 and torch.equal(res[1], lse_t)
 
 
-def test_signature_matches_flash_attn():
-    import inspect
-
-    names = list(inspect.signature(flash_attn_with_kvcache).parameters)
-    assert names[:19] == [
-        "q",
-        "k_cache",
-        "v_cache",
-        "k",
-        "v",
-        "rotary_cos",
-        "rotary_sin",
-        "cache_seqlens",
-        "cache_batch_idx",
-        "cache_leftpad",
-        "block_table",
-        "softmax_scale",
-        "causal",
-        "window_size",
-        "softcap",
-        "rotary_interleaved",
-        "alibi_slopes",
-        "num_splits",
-        "return_softmax_lse",
-    ]
-
-
 # ---------------------------------------------------------------------------------------------
 # num_splits and combine
 
