@@ -166,7 +166,7 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> tuple[Tensor, Tensor]:
             **_launch_opts(cfg),
         )
 
-    launch(tuning.get_config("fwd", q.device, q.dtype, dqk, dv, a.is_causal, launch))
+    launch(tuning.get_config("fwd", q.device, q.dtype, dqk, dv, a.is_causal, launch, max(sq, sk)))
     return out.to(q.dtype), lse
 
 
@@ -315,7 +315,7 @@ def bwd(
             **_launch_opts(cfg),
         )
 
-    launch_dkdv(tuning.get_config("dkdv", q.device, q.dtype, dqk, dv, a.is_causal, launch_dkdv))
+    launch_dkdv(tuning.get_config("dkdv", q.device, q.dtype, dqk, dv, a.is_causal, launch_dkdv, max(sq, sk)))
     if grouped:
         dk, dvv = dk_buf.to(k.dtype), dv_buf.to(v.dtype)
     else:
@@ -373,7 +373,7 @@ def bwd(
             **_launch_opts(cfg),
         )
 
-    launch_dq(tuning.get_config("dq", q.device, q.dtype, dqk, dv, a.is_causal, launch_dq))
+    launch_dq(tuning.get_config("dq", q.device, q.dtype, dqk, dv, a.is_causal, launch_dq, max(sq, sk)))
 
     dbias = None
     if want_dbias:

@@ -52,13 +52,21 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else device.type
 
 
+# Sequences up to this long get their own tiles ("|short" keys): with 512 tokens a 128-row tile
+# leaves 4 programs per head and 8 key tiles per program, where pipeline fill, not the loop, dominates.
+SHORT_SEQLEN = 1024
+
+
 @functools.cache
-def config_key(kernel: str, device: torch.device, dtype: torch.dtype, dqk: int, dv: int, causal: bool) -> str:
-    """Cache key: head dims are rounded to the padded tile dims (40 and 64 share tiles)."""
+def config_key(
+    kernel: str, device: torch.device, dtype: torch.dtype, dqk: int, dv: int, causal: bool, seqlen: int = 1 << 30
+) -> str:
+    """Cache key: head dims are rounded to the padded tile dims (40 and 64 share tiles); sequences up to
+    SHORT_SEQLEN (seqlen = max(sq, sk)) get a "|short" suffix."""
     dt = str(dtype).replace("torch.", "")
     return (
         f"{kernel}|{_device_name(device)}|triton{triton.__version__}|{dt}|{_pad(dqk)}x{_pad(dv)}|"
-        f"{'causal' if causal else 'full'}"
+        f"{'causal' if causal else 'full'}" + ("|short" if seqlen <= SHORT_SEQLEN else "")
     )
 
 
@@ -165,11 +173,13 @@ def get_config(
     dv: int,
     causal: bool,
     launch: Optional[Callable[[Config], None]] = None,
+    seqlen: int = 1 << 30,
 ) -> Config:
-    """The configuration for `kernel`; tunes with `launch(cfg)` (which runs the kernel once) if none is known."""
+    """The configuration for `kernel` at max(sq, sk) = `seqlen`; tunes with `launch(cfg)` (which runs the
+    kernel once) if none is known."""
     if interpreting():
         return dict(INTERPRET_CONFIG)
-    key = config_key(kernel, device, dtype, dqk, dv, causal)
+    key = config_key(kernel, device, dtype, dqk, dv, causal, seqlen)
     cfg = _memory.get(key)
     if cfg is not None:
         return cfg
@@ -178,11 +188,17 @@ def get_config(
         retune = os.environ.get("FLEXATTN_TRITON_RETUNE") == "1"
         cfg = None if retune else (_tuned_table().get(key) or _load_disk().get(key))
         if cfg is None and launch is not None and _may_tune(device):
-            cfg = _tune(launch, candidates(kernel, dtype, dqk, dv))
+            cands = candidates(kernel, dtype, dqk, dv)
+            long_cfg = _tuned_table().get(config_key(kernel, device, dtype, dqk, dv, causal))
+            if long_cfg is not None and long_cfg not in cands:
+                cands.append(long_cfg)  # a short key also tries what won for long sequences
+            cfg = _tune(launch, cands)
             if cfg is not None:
                 _save_disk(key, cfg)
-        if cfg is None:
-            return default_config(kernel, dtype, dqk, dv)  # not memoised: tune later when allowed
+        if cfg is None:  # not memoised: tune later when allowed; meanwhile the long-sequence tiles or the default
+            return _tuned_table().get(config_key(kernel, device, dtype, dqk, dv, causal)) or default_config(
+                kernel, dtype, dqk, dv
+            )
         _memory[key] = cfg
         return cfg
 
