@@ -9,7 +9,7 @@ row and key belongs to; masking, ALiBi and dropout are all written in terms of t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -32,7 +32,9 @@ class RowIndex:
     outside every sequence), ``pos_q``/``pos_k`` positions inside the sequence, ``aligned_q`` the
     query position shifted by ``seqlen_k - seqlen_q`` (bottom-right alignment) and ``valid_k``
     whether a key exists (within ``seqused_k``). ``same_seq_needed`` is False for dense inputs,
-    where every key of a batch row belongs to the same sequence.
+    where every key of a batch row belongs to the same sequence. ``offset`` is the alignment
+    shift when it is one Python int for every row (dense inputs): windows then bound each query
+    block's keys to a range known on the host, and the keys outside it are never computed.
     """
 
     seq_q: Tensor
@@ -42,6 +44,20 @@ class RowIndex:
     pos_k: Tensor
     valid_k: Tensor
     same_seq_needed: bool
+    offset: Optional[int] = None
+
+    def keys(self, cols: slice) -> RowIndex:
+        """The index restricted to the keys `cols`."""
+        return replace(self, seq_k=self.seq_k[:, cols], pos_k=self.pos_k[:, cols], valid_k=self.valid_k[:, cols])
+
+    def key_range(self, rows: slice, a: AttnArgs, sk: int) -> slice:
+        """The keys some row of `rows` may attend to: all of them unless a window and a uniform
+        offset bound them (causal halves the work, a window of w keys makes it O(w) per row)."""
+        if self.offset is None:
+            return slice(0, sk)
+        lo = 0 if a.window_left < 0 else min(max(0, rows.start + self.offset - a.window_left), sk)
+        hi = sk if a.window_right < 0 else min(sk, rows.stop + self.offset + a.window_right)
+        return slice(lo, max(hi, lo + 1)) if lo < sk else slice(sk - 1, sk)  # >= 1 key: a masked row, not an empty one
 
 
 def dense_index(b: int, sq: int, sk: int, device: torch.device) -> RowIndex:
@@ -56,6 +72,7 @@ def dense_index(b: int, sq: int, sk: int, device: torch.device) -> RowIndex:
         ar_k,
         torch.ones(b, sk, dtype=torch.bool, device=device),
         False,
+        sk - sq,
     )
 
 
@@ -158,7 +175,7 @@ def _scores(q_blk: Tensor, k: Tensor, idx: RowIndex, rows: slice, a: AttnArgs, b
         dist = (idx.aligned_q[:, rows, None] - idx.pos_k[:, None, :]).abs()[:, None]
         s = s - slope * dist
     if bias is not None:
-        s = s + bias[:, :, rows].float()
+        s = s + (bias if bias.shape[2] == 1 else bias[:, :, rows]).float()
     keep = _mask(idx, rows, a)
     return s.masked_fill(~keep, float("-inf")), keep, tanh
 
@@ -200,11 +217,12 @@ def _forward_core(
     qx = q.float().transpose(1, 2)
     out = q.new_empty((bsz, hq, sq, v.shape[-1]), dtype=torch.float32)
     lse = q.new_empty((bsz, hq, sq), dtype=torch.float32)
-    probs = q.new_empty((bsz, hq, sq, k.shape[1]), dtype=torch.float32) if want_probs else None
+    probs = q.new_zeros((bsz, hq, sq, k.shape[1]), dtype=torch.float32) if want_probs else None
     sink = _sink_logits(a)
     for i0 in range(0, sq, Q_BLOCK):
         rows = slice(i0, min(i0 + Q_BLOCK, sq))
-        s, _, _ = _scores(qx[:, :, rows], kx, idx, rows, a, bias)
+        cols = idx.key_range(rows, a, k.shape[1])
+        s, _, _ = _scores(qx[:, :, rows], kx[:, :, cols], idx.keys(cols), rows, a, _bias_cols(bias, cols))
         m = s.amax(-1)
         if sink is not None:
             m = torch.maximum(m, sink)
@@ -215,11 +233,11 @@ def _forward_core(
             denom = denom + torch.exp(sink - m)
         p = e / torch.where(denom > 0, denom, 1.0)[..., None]
         lse[:, :, rows] = m + torch.log(denom)
-        scale = _dropout_scale(a, idx, rows, hq)
+        scale = _dropout_scale(a, idx.keys(cols), rows, hq)
         p_drop = p if scale is None else p * scale
-        out[:, :, rows] = torch.matmul(p_drop, vx)
+        out[:, :, rows] = torch.matmul(p_drop, vx[:, :, cols])
         if probs is not None:
-            probs[:, :, rows] = p if scale is None else torch.where(scale > 0, p, -p)
+            probs[:, :, rows, cols] = p if scale is None else torch.where(scale > 0, p, -p)
     return out.transpose(1, 2), lse, probs
 
 
@@ -250,36 +268,39 @@ def _backward_core(
     dbias = torch.zeros(bias.shape, device=q.device) if want_dbias and bias is not None else None
     for i0 in range(0, sq, Q_BLOCK):
         rows = slice(i0, min(i0 + Q_BLOCK, sq))
-        s, _, tanh = _scores(qx[:, :, rows], kx, idx, rows, a, bias)
+        cols = idx.key_range(rows, a, k.shape[1])
+        kb, vb = kx[:, :, cols], vx[:, :, cols]
+        s, _, tanh = _scores(qx[:, :, rows], kb, idx.keys(cols), rows, a, _bias_cols(bias, cols))
         p = torch.exp(s - lse_safe[:, :, rows, None])
-        scale = _dropout_scale(a, idx, rows, hq)
+        scale = _dropout_scale(a, idx.keys(cols), rows, hq)
         do_blk = dox[:, :, rows]
         p_drop = p if scale is None else p * scale
-        dvx += torch.matmul(p_drop.transpose(-1, -2), do_blk)
-        dp = torch.matmul(do_blk, vx.transpose(-1, -2))
+        dvx[:, :, cols] += torch.matmul(p_drop.transpose(-1, -2), do_blk)
+        dp = torch.matmul(do_blk, vb.transpose(-1, -2))
         if scale is not None:
             dp = dp * scale
         ds = p * (dp - delta[:, :, rows, None])
         if dbias is not None:
-            _accumulate_bias_grad(dbias, ds, rows)
+            _accumulate_bias_grad(dbias, ds, rows, cols)
         if dsink is not None:
             p_sink = torch.exp(sink - lse_safe[:, :, rows])
             dsink -= (p_sink * delta[:, :, rows]).sum((0, 2))
         if tanh is not None:
             ds = ds * (1.0 - tanh * tanh)
-        dq[:, :, rows] = torch.matmul(ds, kx) * a.softmax_scale
-        dkx += torch.matmul(ds.transpose(-1, -2), qx[:, :, rows]) * a.softmax_scale
+        dq[:, :, rows] = torch.matmul(ds, kb) * a.softmax_scale
+        dkx[:, :, cols] += torch.matmul(ds.transpose(-1, -2), qx[:, :, rows]) * a.softmax_scale
     return (dq.transpose(1, 2), _reduce_heads(dkx, k.shape[2]), _reduce_heads(dvx, v.shape[2]), dbias, dsink)
 
 
-def _accumulate_bias_grad(dbias: Tensor, ds: Tensor, rows: slice) -> None:
-    """Add one query block's dS (B, H, rows, Sk) into the 4-d dbias, summed over its broadcast axes."""
+def _accumulate_bias_grad(dbias: Tensor, ds: Tensor, rows: slice, cols: slice) -> None:
+    """Add one block's dS (B, H, rows, cols) into the 4-d dbias, summed over its broadcast axes."""
     reduce_dims = [d for d in range(4) if dbias.shape[d] == 1 and ds.shape[d] != 1]
     g = ds.sum(reduce_dims, keepdim=True) if reduce_dims else ds
-    if dbias.shape[2] == 1:
-        dbias += g
-    else:
-        dbias[:, :, rows] += g
+    dbias[:, :, slice(None) if dbias.shape[2] == 1 else rows, slice(None) if dbias.shape[3] == 1 else cols] += g
+
+
+def _bias_cols(bias: Optional[Tensor], cols: slice) -> Optional[Tensor]:
+    return bias if bias is None or bias.shape[3] == 1 else bias[..., cols]
 
 
 def _bias4(a: AttnArgs) -> Optional[Tensor]:
@@ -427,12 +448,6 @@ def _append(cache: Tensor, new: Tensor, rows: Tensor, slots: Tensor, block_table
         cache.index_put_((blocks, slots % page), new.to(cache.dtype))
 
 
-def _key_slice(idx: RowIndex, cols: slice) -> RowIndex:
-    return RowIndex(
-        idx.seq_q, idx.pos_q, idx.aligned_q, idx.seq_k[:, cols], idx.pos_k[:, cols], idx.valid_k[:, cols], False
-    )
-
-
 def fwd_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, c: KVCacheArgs) -> tuple[Tensor, Tensor]:
     """The `flexattn::fwd_kvcache` op: appends c.k/c.v to the caches in place, then attends q to
     every valid cache slot. Returns out (b, sq, hq, dv) in q's dtype and lse (b, hq, sq) float32.
@@ -501,7 +516,7 @@ def _split_kv_attention(
     outs, lses = [], []
     for j0 in range(0, k.shape[1], chunk):
         cols = slice(j0, j0 + chunk)
-        o, lse_part, _ = _forward_core(q, k[:, cols], v[:, cols], _key_slice(idx, cols), no_sinks, None)
+        o, lse_part, _ = _forward_core(q, k[:, cols], v[:, cols], idx.keys(cols), no_sinks, None)
         outs.append(o)
         lses.append(lse_part.transpose(1, 2))  # (B, Sq, Hq) to match o's (B, Sq, Hq, Dv)
     out, lse = combine(torch.stack(outs), torch.stack(lses))

@@ -92,17 +92,23 @@ def test_forward_backward_vs_oracle(dtype, seqlens, feature, heads, dims):
         _check(f"d{name}", g, rg, bg, dtype)
 
 
-@pytest.mark.parametrize("bias_shape", [(1, 1, 1, 23), (2, 1, 9, 1), (9, 23), (23,), (2, 4, 9, 23)])
-def test_bias_gradient_reduced_over_broadcast_axes(bias_shape):
-    q, k, v = rand_qkv(2, 9, 23, 4, 2, 2, 16, 16, torch.float32, requires_grad=True)
+SQ, SK = 150, 170  # two query blocks of the reference, so windows cut key ranges per block
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 1, 1, SK), (2, 1, SQ, 1), (SQ, SK), (SK,), (2, 4, SQ, SK)])
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (20, 7)])
+def test_bias_gradient_reduced_over_broadcast_axes(bias_shape, window):
+    q, k, v = rand_qkv(2, SQ, SK, 4, 2, 2, 16, 16, torch.float32, requires_grad=True)
     bias = torch.randn(bias_shape, requires_grad=True)
-    out = flash_attn_func(q, k, v, attn_bias=bias, causal=True)
-    ref, _ = attention_ref(q, k, v, attn_bias=bias, causal=True)
+    out = flash_attn_func(q, k, v, attn_bias=bias, window_size=window)
+    ref, _ = attention_ref(q, k, v, attn_bias=bias, window_size=window)
+    assert_rel_close("out", out, ref)
     dout = torch.randn_like(out)
-    (g,) = torch.autograd.grad(out, bias, dout)
-    (rg,) = torch.autograd.grad(ref, bias, dout.double())
-    assert g.shape == bias.shape
-    assert_rel_close("dbias", g, rg)
+    grads = torch.autograd.grad(out, (q, k, v, bias), dout)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, bias), dout.double())
+    assert grads[3].shape == bias.shape
+    for name, g, rg in zip(["q", "k", "v", "bias"], grads, ref_grads, strict=True):
+        assert_rel_close(f"d{name}", g, rg, 1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
