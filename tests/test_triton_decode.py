@@ -347,3 +347,26 @@ def test_random_feature_combinations(seed):
         **kwargs,
     )
     check(case)
+
+
+@pytest.mark.parametrize(
+    "cfg,page",
+    [((16, 64), None), ((16, 64), 64), ((16, 64), 256), ((16, 32), 3), ((64, 128), 16), ((32, 64), None)],
+    ids=lambda x: str(x),
+)
+def test_gpu_tile_configs(cfg, page, monkeypatch):
+    """The tile sizes the GPU runs (BLOCK_N 32..128, BLOCK_M 16..64; the interpreter default is 16 x 16),
+    with pages equal to, larger than and smaller than a tile, windows and splits."""
+    from flexattn_ops import triton_decode
+
+    block_m, block_n = cfg
+    monkeypatch.setattr(
+        triton_decode,
+        "decode_config",
+        lambda *a: {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 2},
+    )
+    for splits, window in ((1, (-1, -1)), (3, (150, 0))):
+        case = make_case(
+            b=2, sq=3, s_new=3, heads=(8, 2, 2), cache_len=512, page=page, window_size=window, num_splits=splits, seed=8
+        )
+        check(case)
