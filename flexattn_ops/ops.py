@@ -129,18 +129,17 @@ def combine(out_partial: Tensor, lse_partial: Tensor) -> tuple[Tensor, Tensor]:
 fwd_kvcache.register_fake(fwd_kvcache_fake)
 combine.register_fake(combine_fake)
 
-# fwd_kvcache has no backward (as flash-attn's): its outputs never require grad. A mutating custom
-# op cannot take register_autograd, so this Autograd-key kernel runs it below autograd; graphs
-# traced with requires_grad inputs (opcheck, compile in training mode) then stay valid.
-_autograd_lib = torch.library.Library("flexattn", "IMPL")
+
+def _outputs_non_differentiable(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(*output)
 
 
-def _fwd_kvcache_no_grad(q: Tensor, k_cache: Tensor, v_cache: Tensor, *args) -> tuple[Tensor, Tensor]:
-    with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.flexattn.fwd_kvcache(q, k_cache, v_cache, *args)
-
-
-_autograd_lib.impl("fwd_kvcache", _fwd_kvcache_no_grad, "Autograd")
+# fwd_kvcache has no backward (as flash-attn's): its outputs are non-differentiable, so graphs
+# traced with requires_grad inputs (opcheck, a decode step compiled in training mode) stay valid.
+# register_autograd refuses mutating ops, so the hook that custom_op's own Autograd kernel calls
+# is set directly (an attribute of CustomOpDef since torch 2.4; overriding the Autograd kernel
+# instead fails on torch 2.11, which refuses a second Python kernel for the same key).
+fwd_kvcache._setup_context_fn = _outputs_non_differentiable
 
 
 def _combine_setup_context(ctx, inputs, output) -> None:
