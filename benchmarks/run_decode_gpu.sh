@@ -3,11 +3,11 @@
 # Triton backend, the compiled CUDA-graph decode step, then bench_decode.py (table, config sweep, flex last).
 # Logs and CSVs go to $OUT. Usage on the device, from the repo root: bash benchmarks/run_decode_gpu.sh
 T0=$(date +%s)
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
+export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp}
-# meta/ is installed as flexattn_ops.meta by `pip install -e .`; a bare checkout needs the link instead
-[ -e flexattn_ops/meta ] || ln -s ../meta flexattn_ops/meta
-python -c "import flexattn_ops" || exit 3
+# meta/ ships as flexattn_ops.meta only through the install (the device has no network: no deps, no isolation)
+python -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | grep -v "^WARNING" ; python -c "import flexattn_ops" || exit 3
+timeout 60 python -m pytest -q -p no:cacheprovider -p no:benchmark tests/test_ops.py -k cuda 2>&1 | tee "$OUT/gpu_opcheck.log" | tail -3
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
 timeout 130 python -m pytest -q -n 4 -p no:cacheprovider -p no:benchmark tests/test_triton_decode_gpu.py \
   -k "not compiled" 2>&1 | tee "$OUT/gpu_tests.log" | tail -40

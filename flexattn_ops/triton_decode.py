@@ -42,9 +42,12 @@ MAX_SPLITS = 128  # partials are (splits, b, sq, hq, dv) float32; 128 splits of 
 # A split should stream at least this many keys: below ~256 keys (64 KB of K+V at hd 128 bf16) the fixed
 # cost of a program (q load, rotary, partial write, its share of combine) is no longer small.
 MIN_KEYS_PER_SPLIT = 256
-# Programs per SM the heuristic aims for: an H100 needs ~3 TB/s x ~1 us = 3 MB in flight, ~24 KB per SM;
-# a program keeps about one K+V tile pair in flight (2 x 16 KB at 64 keys x hd 128 bf16), so 2-4 per SM.
-PROGRAMS_PER_SM = 4
+# Programs per SM the heuristic aims for when it splits. Measured on the H100 (benchmarks/RESULTS_decode.md,
+# GQA 32/8, hd 128): b=1 kv 32k peaks at 33 splits (2 per SM, 2448 GB/s) against 2322 at 66 and 1923 at 128.
+PROGRAMS_PER_SM = 2
+# Splitting stops paying once the unsplit grid covers this fraction of the SMs: b=16 kv 8k (128 programs)
+# ran 3072 GB/s unsplit against 2994 at 2 splits; b=64 and b=128 likewise peaked unsplit.
+NO_SPLIT_FILL = 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -755,12 +758,14 @@ def decode_config(dtype: torch.dtype, dqk: int, dv: int, rows: int) -> tuning.Co
 def choose_num_splits(num_splits: int, base_programs: int, cache_len: int, block_n: int, device: torch.device) -> int:
     """How many key splits each tile of query rows gets. `num_splits` > 0 is honoured up to MAX_SPLITS and
     one split per key tile; 0 picks from the shapes and the SM count only (never from cache_seqlens, which
-    lives on the device): enough programs for PROGRAMS_PER_SM per SM, each streaming >= MIN_KEYS_PER_SPLIT
-    of the cache capacity. E.g. H100 (132 SMs), GQA 32/8: b=1 kv 32k -> 66 splits; b=16 kv 8k -> 5;
-    b=64 kv 4k -> 2; b=128 kv 2k -> 1."""
+    lives on the device): none once the unsplit grid fills NO_SPLIT_FILL of the SMs, else enough programs
+    for PROGRAMS_PER_SM per SM, each streaming >= MIN_KEYS_PER_SPLIT of the cache capacity. E.g. H100
+    (132 SMs), GQA 32/8: b=1 kv 32k -> 33 splits; kv 2k -> 8; b >= 9 -> 1."""
     tiles = max(1, triton.cdiv(cache_len, block_n))
     if num_splits > 0:
         return max(1, min(num_splits, MAX_SPLITS, tiles))
+    if base_programs >= NO_SPLIT_FILL * sm_count(device):
+        return 1
     want = triton.cdiv(PROGRAMS_PER_SM * sm_count(device), max(1, base_programs))
     by_len = max(1, cache_len // MIN_KEYS_PER_SPLIT)
     return max(1, min(want, by_len, MAX_SPLITS, tiles))
