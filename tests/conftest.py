@@ -8,6 +8,13 @@ import random
 import pytest
 import torch
 
+# TRITON_INTERPRET is read when triton.language is first imported (its own @jit helpers such as
+# tl.zeros / tl.sum become interpreted functions only then), and torch.compile tests import triton
+# early. So on a machine without CUDA, turn the interpreter on here, before any test module loads,
+# or the Triton CPU tests (test_triton*.py) fail depending on collection order.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Each run draws fresh inputs; the seed is printed so a failure can be replayed with
 # FLEXATTN_TEST_SEED=<seed>.
 SEED = int(os.environ.get("FLEXATTN_TEST_SEED", random.SystemRandom().randrange(2**31)))
