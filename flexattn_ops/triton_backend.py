@@ -1,14 +1,16 @@
-"""The Triton backend: dense attention forward, backward and probs (SPEC section 4).
+"""The Triton backend: dense and varlen (packed or paged keys) attention forward and backward,
+dense probs (SPEC section 4).
 
 `dispatch` imports this module lazily; TRITON_INTERPRET must be set before that import for the
 kernels to run on CPU tensors. All launches take explicit strides (inputs are last-dim contiguous
 but may be permuted or sliced), allocate outputs from shapes only, and never synchronise with the
-host, so CUDA-graph capture works (autotuning is skipped while capturing).
+host, so CUDA-graph capture works (autotuning is skipped while capturing). Varlen grids are sized
+by the Python-int max_seqlen_q/k; cu_seqlens are read only by the kernels.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -32,8 +34,6 @@ def unsupported(op: str, q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> Option
         return _decode_unsupported(op, q, k, v, a)
     if op not in ("fwd", "bwd", "probs"):
         return f"the Triton backend has no {op!r} op"
-    if a.is_varlen or a.block_table is not None:
-        return "varlen inputs are not yet on the Triton backend"
     if q.dtype not in _DTYPES:
         return f"the Triton backend runs float16, bfloat16 and float32, got {q.dtype}"
     if q.shape[-1] > MAX_HEADDIM or v.shape[-1] > MAX_HEADDIM:
@@ -108,40 +108,93 @@ def _launch_opts(cfg: tuning.Config) -> dict:
     return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
+class _Seqs(NamedTuple):
+    """How the kernels find each sequence: dense batches or packed/paged varlen (see attn_fwd_kernel).
+
+    ``args`` are the kernels' (CuQ, CuK, SeqUsed, Table, stride_tb, page_size, total_q) arguments,
+    ``flags`` their VARLEN, PAGED, HAS_SEQUSED constexprs; ``batch``, ``sq``, ``sk`` size the grids
+    (varlen: the number of sequences and max_seqlen_q/k, from the Python-int arguments: no host sync).
+    """
+
+    args: tuple
+    flags: dict
+    batch: int
+    sq: int
+    sk: int
+
+
+def _seqs(q: Tensor, k: Tensor, a: AttnArgs) -> _Seqs:
+    if not a.is_varlen:
+        dummy = _placeholder(q, None)
+        flags = {"VARLEN": False, "PAGED": False, "HAS_SEQUSED": False}
+        return _Seqs((dummy, dummy, dummy, dummy, 0, 1, 0), flags, q.shape[0], q.shape[1], k.shape[1])
+    assert a.cu_seqlens_q is not None and a.cu_seqlens_k is not None
+    table = a.block_table.contiguous() if a.block_table is not None else None
+    args = (
+        a.cu_seqlens_q.contiguous(),
+        a.cu_seqlens_k.contiguous(),
+        _placeholder(q, a.seqused_k),
+        _placeholder(q, table),
+        table.stride(0) if table is not None else 0,
+        k.shape[1] if table is not None else 1,
+        q.shape[0],
+    )
+    flags = {"VARLEN": True, "PAGED": table is not None, "HAS_SEQUSED": a.seqused_k is not None}
+    return _Seqs(args, flags, a.cu_seqlens_q.shape[0] - 1, int(a.max_seqlen_q), int(a.max_seqlen_k))
+
+
+def _strides(t: Tensor) -> tuple[int, int, int]:
+    """(batch, sequence, head) strides: packed varlen (total, h, d) tensors have no batch axis (0)."""
+    return (0, t.stride(0), t.stride(1)) if t.dim() == 3 else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _nonempty(t: Tensor) -> Tensor:
+    """Varlen inputs may hold no token at all; kernels then never load, but need a valid pointer."""
+    return t if t.numel() > 0 else t.new_empty(1)
+
+
 def fwd(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> tuple[Tensor, Tensor]:
-    """q (b, sq, hq, dqk), k (b, sk, hk, dqk), v (b, sk, hv, dv) -> out (b, sq, hq, dv), lse (b, hq, sq) f32."""
-    b, sq, hq, dqk = q.shape
-    sk, hk, hv, dv = k.shape[1], k.shape[2], v.shape[2], v.shape[3]
-    out = q.new_empty((b, sq, hq, dv), dtype=_store_dtype(q.dtype))
-    lse = q.new_empty((b, hq, sq), dtype=torch.float32)
-    if b * hq * sq == 0:
+    """Dense: q (b, sq, hq, dqk), k (b, sk, hk, dqk), v (b, sk, hv, dv) -> out (b, sq, hq, dv), lse (b, hq, sq) f32.
+
+    Varlen: q (total_q, hq, dqk), k/v packed (total_k, h, d) or paged (num_pages, page_size, h, d) ->
+    out (total_q, hq, dv), lse (hq, total_q); query tokens past cu_seqlens_q[-1] get out 0, lse -inf.
+    """
+    hq, dqk = q.shape[-2], q.shape[-1]
+    hk, hv, dv = k.shape[-2], v.shape[-2], v.shape[-1]
+    seqs = _seqs(q, k, a)
+    out = q.new_empty((*q.shape[:-1], dv), dtype=_store_dtype(q.dtype))
+    lse = q.new_empty((hq, q.shape[0]) if a.is_varlen else (seqs.batch, hq, seqs.sq), dtype=torch.float32)
+    if out.numel() == 0:
         return out.to(q.dtype), lse
     c = _common(q, a)
     bias4, bstr = _bias4(a)
+    # varlen: one more row of programs (sequence `batch`) writes the rows past cu_seqlens_q[-1]
+    n_seq = seqs.batch + 1 if a.is_varlen else seqs.batch
 
     def launch(cfg: tuning.Config) -> None:
-        grid = (triton.cdiv(sq, cfg["BLOCK_M"]), b * hq)
+        grid = (max(1, triton.cdiv(seqs.sq, cfg["BLOCK_M"])), n_seq * hq)
         attn_fwd_kernel[grid](
             q,
-            k,
-            v,
+            _nonempty(k),
+            _nonempty(v),
             out,
             lse,
             _placeholder(q, bias4),
             _placeholder(q, a.alibi_slopes),
             _placeholder(q, a.sinks),
             _rng(q, a),
-            *q.stride()[:3],
-            *k.stride()[:3],
-            *v.stride()[:3],
-            *out.stride()[:3],
+            *seqs.args,
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(out),
             *bstr,
             c["stride_ab"],
             hq,
             hq // hk,
             hq // hv,
-            sq,
-            sk,
+            seqs.sq,
+            seqs.sk,
             c["sm_scale"],
             c["softcap"],
             c["window_left"],
@@ -163,10 +216,12 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> tuple[Tensor, Tensor]:
             HAS_DROPOUT=c["HAS_DROPOUT"],
             PLAIN=not (c["HAS_SOFTCAP"] or c["HAS_ALIBI"] or c["HAS_BIAS"]) and a.softmax_scale > 0,
             PRECISION=c["PRECISION"],
+            **seqs.flags,
             **_launch_opts(cfg),
         )
 
-    launch(tuning.get_config("fwd", q.device, q.dtype, dqk, dv, a.is_causal, launch, max(sq, sk)))
+    seqlen = max(seqs.sq, seqs.sk)
+    launch(tuning.get_config("fwd", q.device, q.dtype, dqk, dv, a.is_causal, launch, seqlen))
     return out.to(q.dtype), lse
 
 
@@ -228,13 +283,17 @@ def bwd(
     a: AttnArgs,
     bias_requires_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Gradients (dq, dk, dv, dbias | None, dsink | None); always bitwise reproducible (no atomics)."""
-    b, sq, hq, dqk = q.shape
-    sk, hk, hv, dv = k.shape[1], k.shape[2], v.shape[2], v.shape[3]
-    lse = lse.contiguous()  # (b, hq, sq) row-major is what the kernels index
+    """Gradients (dq, dk, dv, dbias | None, dsink | None) in the layouts of q, k, v (fwd's docstring);
+    always bitwise reproducible (no atomics; shared pages of a paged cache are summed by a sorted
+    index_put). lse is (b, hq, sq) dense, (hq, total_q) varlen."""
+    hq, dqk = q.shape[-2], q.shape[-1]
+    hk, hv, dv = k.shape[-2], v.shape[-2], v.shape[-1]
+    seqs = _seqs(q, k, a)
+    b, sq, sk = seqs.batch, seqs.sq, seqs.sk
+    lse = lse.contiguous()  # (b, hq, sq) or (hq, total_q) row-major is what the kernels index
     dq = q.new_empty(q.shape, dtype=_store_dtype(q.dtype))
     want_dbias = bias_requires_grad and a.attn_bias is not None
-    if b * hq * sq == 0 or sk == 0:
+    if q.numel() == 0 or k.numel() == 0:
         dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         dbias = torch.zeros(a.attn_bias.shape, dtype=a.attn_bias.dtype, device=q.device) if want_dbias else None
         dsink = torch.zeros(a.sinks.shape, dtype=a.sinks.dtype, device=q.device) if a.sinks is not None else None
@@ -247,26 +306,33 @@ def bwd(
     rng = _rng(q, a)
     drop_rescale = 1.0 / (1.0 - a.dropout_p)
 
-    delta = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    # delta = rowsum(dO * O) in lse's layout; varlen runs the dense kernel as one batch of total_q rows
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    pre_rows = q.shape[0] if a.is_varlen else sq
     pre_block = 16 if tuning.interpreting() else 64
-    bwd_preprocess_kernel[(triton.cdiv(sq, pre_block), b * hq)](
-        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], hq, sq, DV=dv, BLOCK_M=pre_block, BLOCK_DV=_pad(dv)
+    bwd_preprocess_kernel[(triton.cdiv(pre_rows, pre_block), delta.numel() // pre_rows)](
+        out, dout, delta, *_strides(out), *_strides(dout), hq, pre_rows, DV=dv, BLOCK_M=pre_block, BLOCK_DV=_pad(dv)
     )
 
     # dK/dV: with hk == hv a program sums the query heads of its kv head in registers; otherwise
     # (hk != hv: k and v heads group query heads differently) per-query-head float32 buffers.
+    # Varlen buffers start at zero: keys no sequence uses (past seqused_k or cu_seqlens_k[-1]) get
+    # no program. Paged caches get per-(sequence, slot) float32 rows, summed onto the pages below.
     grouped = hk == hv
-    if grouped:
-        n_groups, group = hk, hq // hk
-        dk_buf = torch.empty((b, sk, hk, dqk), dtype=_store_dtype(k.dtype), device=q.device)
-        dv_buf = torch.empty((b, sk, hv, dv), dtype=_store_dtype(v.dtype), device=q.device)
+    n_groups, group = (hk, hq // hk) if grouped else (hq, 1)
+    paged = a.block_table is not None
+    if paged:
+        assert a.block_table is not None
+        rows: tuple[int, ...] = (b, a.block_table.shape[1] * k.shape[1])
     else:
-        n_groups, group = hq, 1
-        dk_buf = torch.empty((b, sk, hq, dqk), dtype=torch.float32, device=q.device)
-        dv_buf = torch.empty((b, sk, hq, dv), dtype=torch.float32, device=q.device)
+        rows = tuple(k.shape[:-2])
+    alloc = torch.zeros if a.is_varlen else torch.empty
+    f32 = not grouped or paged
+    dk_buf = alloc((*rows, n_groups, dqk), dtype=torch.float32 if f32 else _store_dtype(k.dtype), device=q.device)
+    dv_buf = alloc((*rows, n_groups, dv), dtype=torch.float32 if f32 else _store_dtype(v.dtype), device=q.device)
 
     def launch_dkdv(cfg: tuning.Config) -> None:
-        attn_bwd_dkdv_kernel[(triton.cdiv(sk, cfg["BLOCK_N"]), b * n_groups)](
+        attn_bwd_dkdv_kernel[(max(1, triton.cdiv(sk, cfg["BLOCK_N"])), b * n_groups)](
             q,
             k,
             v,
@@ -278,12 +344,13 @@ def bwd(
             bias_arg,
             alibi_arg,
             rng,
-            *q.stride()[:3],
-            *k.stride()[:3],
-            *v.stride()[:3],
-            *dout.stride()[:3],
-            *dk_buf.stride()[:3],
-            *dv_buf.stride()[:3],
+            *seqs.args,
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(dout),
+            *_strides(dk_buf),
+            *_strides(dv_buf),
             *bstr,
             c["stride_ab"],
             hq,
@@ -312,21 +379,26 @@ def bwd(
             HAS_BIAS=c["HAS_BIAS"],
             HAS_DROPOUT=c["HAS_DROPOUT"],
             PRECISION=c["PRECISION"],
+            **seqs.flags,
             **_launch_opts(cfg),
         )
 
-    launch_dkdv(tuning.get_config("dkdv", q.device, q.dtype, dqk, dv, a.is_causal, launch_dkdv, max(sq, sk)))
-    if grouped:
-        dk, dvv = dk_buf.to(k.dtype), dv_buf.to(v.dtype)
-    else:
-        # deterministic reduction over the query heads reading each k / v head
-        dk = dk_buf.view(b, sk, hk, hq // hk, dqk).sum(3).to(k.dtype)
-        dvv = dv_buf.view(b, sk, hv, hq // hv, dv).sum(3).to(v.dtype)
+    seqlen = max(sq, sk)
+    launch_dkdv(tuning.get_config("dkdv", q.device, q.dtype, dqk, dv, a.is_causal, launch_dkdv, seqlen))
+    # deterministic reduction over the query heads reading each k / v head, then over the sequences
+    # sharing each page
+    dk = dk_buf if grouped else dk_buf.view(*rows, hk, hq // hk, dqk).sum(-2)
+    dvv = dv_buf if grouped else dv_buf.view(*rows, hv, hq // hv, dv).sum(-2)
+    if paged:
+        assert a.block_table is not None
+        dk, dvv = _sum_pages(dk, k, a.block_table), _sum_pages(dvv, v, a.block_table)
+    dk, dvv = dk.to(k.dtype), dvv.to(v.dtype)
 
     dbias_full = torch.zeros((b, hq, sq, sk), dtype=torch.float32, device=q.device) if want_dbias else None
+    n_seq = b + 1 if a.is_varlen else b  # varlen: sequence `batch` zeroes dq past cu_seqlens_q[-1]
 
     def launch_dq(cfg: tuning.Config) -> None:
-        attn_bwd_dq_kernel[(triton.cdiv(sq, cfg["BLOCK_M"]), b * hq)](
+        attn_bwd_dq_kernel[(max(1, triton.cdiv(sq, cfg["BLOCK_M"])), n_seq * hq)](
             q,
             k,
             v,
@@ -338,11 +410,12 @@ def bwd(
             bias_arg,
             alibi_arg,
             rng,
-            *q.stride()[:3],
-            *k.stride()[:3],
-            *v.stride()[:3],
-            *dout.stride()[:3],
-            *dq.stride()[:3],
+            *seqs.args,
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(dout),
+            *_strides(dq),
             *bstr,
             c["stride_ab"],
             hq,
@@ -370,10 +443,11 @@ def bwd(
             HAS_DBIAS=want_dbias,
             HAS_DROPOUT=c["HAS_DROPOUT"],
             PRECISION=c["PRECISION"],
+            **seqs.flags,
             **_launch_opts(cfg),
         )
 
-    launch_dq(tuning.get_config("dq", q.device, q.dtype, dqk, dv, a.is_causal, launch_dq, max(sq, sk)))
+    launch_dq(tuning.get_config("dq", q.device, q.dtype, dqk, dv, a.is_causal, launch_dq, seqlen))
 
     dbias = None
     if want_dbias:
@@ -383,7 +457,17 @@ def bwd(
         dbias = g.reshape(a.attn_bias.shape).to(a.attn_bias.dtype)
     dsink = None
     if a.sinks is not None:
-        # dsink_h = -sum_{b,i} exp(sink_h - lse_bhi) * delta_bhi (the sink's probability times rowsum(dO * O))
-        p_sink = torch.exp(a.sinks.float()[None, :, None] - lse)
-        dsink = (-(p_sink * delta).sum((0, 2))).to(a.sinks.dtype)
+        # dsink_h = -sum_{b,i} exp(sink_h - lse_bhi) * delta_bhi (the sink's probability times rowsum(dO * O));
+        # varlen rows past cu_seqlens_q[-1] have lse -inf and delta 0: they add nothing (not inf * 0)
+        p_sink = torch.exp(a.sinks.float()[:, None] - lse).masked_fill(torch.isneginf(lse), 0.0)
+        dsink = (-(p_sink * delta).reshape(-1, hq, lse.shape[-1]).sum((0, 2))).to(a.sinks.dtype)
     return dq.to(q.dtype), dk, dvv, dbias, dsink
+
+
+def _sum_pages(d_slots: Tensor, cache: Tensor, block_table: Tensor) -> Tensor:
+    """Gradients of the slots (b, max_pages * page_size, h, d) float32 summed onto the cache pages
+    (num_pages, page_size, h, d) they were read from; pages no sequence lists get 0. index_put with
+    accumulate sorts the indices, so pages shared by several sequences sum in a fixed order."""
+    grad = torch.zeros(cache.shape, dtype=torch.float32, device=cache.device)
+    pages = d_slots.reshape(-1, *cache.shape[1:])
+    return grad.index_put_((block_table.reshape(-1).long(),), pages, accumulate=True)

@@ -1,4 +1,4 @@
-"""Triton backward kernels for dense attention: deterministic by construction (no atomics).
+"""Triton backward kernels for dense and varlen attention: deterministic by construction (no atomics).
 
 Three launches:
 1. `bwd_preprocess_kernel`: delta = rowsum(dO * O) (b, hq, sq) float32.
@@ -10,6 +10,8 @@ Three launches:
    the broadcast reduction, which the host does with a torch sum).
 Both main kernels recompute P from (q, k, lse), so the backward costs 7 tile matmuls per tile pair
 instead of FlashAttention-2's 5 with atomics; that is the price of bitwise reproducibility.
+Varlen runs the same kernels per sequence (VARLEN / PAGED constexprs, as the forward); a paged
+cache's dK/dV go to per-(sequence, slot) rows that the host sums onto the pages they came from.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from flexattn_ops.triton_common import (
     dim_mask,
     dropout_keep,
     dropout_key,
+    fill_rows,
     keep_mask,
     key_tile_bounds,
     mm,
     mma,
+    page_slots,
     query_tile_bounds,
     score_mods,
+    seq_bounds,
     to_operand,
 )
 
@@ -169,7 +174,7 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["sq", "sk", "window_left", "window_right", "drop_threshold"])
+@triton.jit(do_not_specialize=["sq", "sk", "total_q", "window_left", "window_right", "drop_threshold"])
 def attn_bwd_dkdv_kernel(
     Q,
     K,
@@ -182,6 +187,13 @@ def attn_bwd_dkdv_kernel(
     Bias,
     Alibi,
     Rng,
+    CuQ,
+    CuK,
+    SeqUsed,
+    Table,
+    stride_tb,
+    page_size,
+    total_q,
     stride_qb,
     stride_qs,
     stride_qh,
@@ -231,30 +243,61 @@ def attn_bwd_dkdv_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
+    PAGED: tl.constexpr,
+    HAS_SEQUSED: tl.constexpr,
 ):
     """Grid (cdiv(sk, BLOCK_N), b * n_groups). Program (n, b, g) sums over query heads g*group .. g*group+group-1.
 
     With hk == hv the groups are the kv heads (group = hq // hk) and DK/DV are the real (b, sk, hk, d)
     gradients; otherwise group = 1 and DK/DV are per-query-head float32 buffers the host reduces.
+    VARLEN (layouts as attn_fwd_kernel): grid (cdiv(max_seqlen_k, BLOCK_N), batch * n_groups); DK/DV are
+    packed like K/V (total_k, ., d), or with PAGED per-sequence slots (batch, max_pages * page_size, ., d)
+    that the host sums onto the pages. Rows a program does not own (keys past seqused_k or
+    cu_seqlens_k[-1], unused slots) are never written: the host zero-fills DK/DV for varlen.
     """
     pid_n = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = pid_bg // n_groups
     g_idx = pid_bg % n_groups
-    off = sk - sq
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
+    cols = offs_n[:, None].to(tl.int64)
+    if VARLEN:
+        q_start, sq, k_start, sk = seq_bounds(CuQ, CuK, SeqUsed, b, HAS_SEQUSED)
+        if n0 >= sk:
+            return
+        Q_seq = Q + q_start.to(tl.int64) * stride_qs
+        DO_seq = DO + q_start.to(tl.int64) * stride_dos
+        if PAGED:
+            page, slot = page_slots(Table + b * stride_tb, offs_n, sk, page_size)
+            k_rows = page[:, None] * stride_kb + slot[:, None] * stride_ks
+            v_rows = page[:, None] * stride_vb + slot[:, None] * stride_vs
+            dk_rows = b.to(tl.int64) * stride_dkb + cols * stride_dks
+            dv_rows = b.to(tl.int64) * stride_dvb + cols * stride_dvs
+        else:
+            k_rows = (k_start + cols) * stride_ks
+            v_rows = (k_start + cols) * stride_vs
+            dk_rows = (k_start + cols) * stride_dks
+            dv_rows = (k_start + cols) * stride_dvs
+    else:
+        Q_seq = Q + b.to(tl.int64) * stride_qb
+        DO_seq = DO + b.to(tl.int64) * stride_dob
+        k_rows = b.to(tl.int64) * stride_kb + cols * stride_ks
+        v_rows = b.to(tl.int64) * stride_vb + cols * stride_vs
+        dk_rows = b.to(tl.int64) * stride_dkb + cols * stride_dks
+        dv_rows = b.to(tl.int64) * stride_dvb + cols * stride_dvs
+    off = sk - sq
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     h0 = g_idx * group
-    cols = offs_n[:, None].to(tl.int64)
     k = tl.load(
-        K + b.to(tl.int64) * stride_kb + (h0 // q_per_k) * stride_kh + cols * stride_ks + offs_dk[None, :],
+        K + (h0 // q_per_k) * stride_kh + k_rows + offs_dk[None, :],
         mask=(offs_n[:, None] < sk) & (dim_mask(offs_dk, DQK, BLOCK_DQK)),
         other=0.0,
     )
     v = tl.load(
-        V + b.to(tl.int64) * stride_vb + (h0 // q_per_v) * stride_vh + cols * stride_vs + offs_dv[None, :],
+        V + (h0 // q_per_v) * stride_vh + v_rows + offs_dv[None, :],
         mask=(offs_n[:, None] < sk) & (dim_mask(offs_dv, DV, BLOCK_DV)),
         other=0.0,
     )
@@ -271,10 +314,14 @@ def attn_bwd_dkdv_kernel(
     for g in range(group):
         h = h0 + g
         bh = b * hq + h
-        Q_head = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-        DO_head = DO + b.to(tl.int64) * stride_dob + h * stride_doh
-        Lse_bh = Lse + bh.to(tl.int64) * sq
-        Delta_bh = Delta + bh.to(tl.int64) * sq
+        Q_head = Q_seq + h * stride_qh
+        DO_head = DO_seq + h * stride_doh
+        if VARLEN:  # Lse, Delta (hq, total_q)
+            Lse_bh = Lse + h.to(tl.int64) * total_q + q_start
+            Delta_bh = Delta + h.to(tl.int64) * total_q + q_start
+        else:
+            Lse_bh = Lse + bh.to(tl.int64) * sq
+            Delta_bh = Delta + bh.to(tl.int64) * sq
         Bias_head = Bias + b.to(tl.int64) * stride_bb + h * stride_bh
         slope = 0.0
         if HAS_ALIBI:
@@ -411,12 +458,12 @@ def attn_bwd_dkdv_kernel(
     dk = dk * sm_scale
     n_mask = offs_n[:, None] < sk
     tl.store(
-        DK + b.to(tl.int64) * stride_dkb + g_idx * stride_dkh + cols * stride_dks + offs_dk[None, :],
+        DK + g_idx * stride_dkh + dk_rows + offs_dk[None, :],
         dk.to(DK.dtype.element_ty),
         mask=n_mask & (dim_mask(offs_dk, DQK, BLOCK_DQK)),
     )
     tl.store(
-        DV_out + b.to(tl.int64) * stride_dvb + g_idx * stride_dvh + cols * stride_dvs + offs_dv[None, :],
+        DV_out + g_idx * stride_dvh + dv_rows + offs_dv[None, :],
         dv.to(DV_out.dtype.element_ty),
         mask=n_mask & (dim_mask(offs_dv, DV, BLOCK_DV)),
     )
@@ -433,7 +480,11 @@ def _dq_inner(
     V_head,
     Bias_head,
     DBias_bh,
+    Table_row,
+    page_size,
+    stride_kb,
     stride_ks,
+    stride_vb,
     stride_vs,
     stride_bm,
     stride_bn,
@@ -458,6 +509,7 @@ def _dq_inner(
     BLOCK_DQK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr,
+    PAGED: tl.constexpr,
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -481,12 +533,15 @@ def _dq_inner(
             k_mask = k_mask & (offs_n[:, None] < sk)
             v_mask = v_mask & (offs_n[:, None] < sk)
         tile = tl.arange(0, BLOCK_N)[:, None]
-        k = tl.load(
-            K_head + start_n.to(tl.int64) * stride_ks + tile * stride_ks + offs_dk[None, :], mask=k_mask, other=0.0
-        )
-        v = tl.load(
-            V_head + start_n.to(tl.int64) * stride_vs + tile * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0
-        )
+        if PAGED:
+            page, slot = page_slots(Table_row, offs_n, sk, page_size)
+            k_rows = page[:, None] * stride_kb + slot[:, None] * stride_ks
+            v_rows = page[:, None] * stride_vb + slot[:, None] * stride_vs
+        else:
+            k_rows = start_n.to(tl.int64) * stride_ks + tile * stride_ks
+            v_rows = start_n.to(tl.int64) * stride_vs + tile * stride_vs
+        k = tl.load(K_head + k_rows + offs_dk[None, :], mask=k_mask, other=0.0)
+        v = tl.load(V_head + v_rows + offs_dv[None, :], mask=v_mask, other=0.0)
         qk = mm(q, tl.trans(k), PRECISION)
         t = 0.0
         if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
@@ -514,7 +569,7 @@ def _dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["sq", "sk", "window_left", "window_right", "drop_threshold"])
+@triton.jit(do_not_specialize=["sq", "sk", "total_q", "window_left", "window_right", "drop_threshold"])
 def attn_bwd_dq_kernel(
     Q,
     K,
@@ -527,6 +582,13 @@ def attn_bwd_dq_kernel(
     Bias,
     Alibi,
     Rng,
+    CuQ,
+    CuK,
+    SeqUsed,
+    Table,
+    stride_tb,
+    page_size,
+    total_q,
     stride_qb,
     stride_qs,
     stride_qh,
@@ -572,34 +634,70 @@ def attn_bwd_dq_kernel(
     HAS_DBIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
+    PAGED: tl.constexpr,
+    HAS_SEQUSED: tl.constexpr,
 ):
-    """Grid (cdiv(sq, BLOCK_M), b * hq). DQ (b, sq, hq, dqk); DBias (b, hq, sq, sk) float32 when HAS_DBIAS."""
+    """Grid (cdiv(sq, BLOCK_M), b * hq). DQ (b, sq, hq, dqk); DBias (b, hq, sq, sk) float32 when HAS_DBIAS.
+
+    VARLEN: grid and layouts as attn_fwd_kernel (DQ (total_q, hq, dqk)); programs of the extra
+    sequence b = batch write dq 0 for the rows past cu_seqlens_q[-1].
+    """
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // hq
     h = pid_bh % hq
-    off = sk - sq
     m0 = pid_m * BLOCK_M
+    if VARLEN:
+        if b == tl.num_programs(1) // hq - 1:
+            pad0 = tl.load(CuQ + b)
+            fill_rows(DQ + h * stride_dqh, stride_dqs, pad0, total_q, 0.0, BLOCK_M, DQK, BLOCK_DQK)
+            return
+        q_start, sq, k_start, sk = seq_bounds(CuQ, CuK, SeqUsed, b, HAS_SEQUSED)
+        if m0 >= sq:
+            return
+        row0 = q_start.to(tl.int64)
+        Lse_row = Lse + h.to(tl.int64) * total_q + q_start
+        Delta_row = Delta + h.to(tl.int64) * total_q + q_start
+        if PAGED:  # page rows carry the offsets (_dq_inner)
+            K_seq = K
+            V_seq = V
+        else:
+            K_seq = K + k_start.to(tl.int64) * stride_ks
+            V_seq = V + k_start.to(tl.int64) * stride_vs
+        Q_seq = Q + row0 * stride_qs
+        DO_seq = DO + row0 * stride_dos
+        DQ_seq = DQ + row0 * stride_dqs
+    else:
+        Lse_row = Lse + pid_bh.to(tl.int64) * sq
+        Delta_row = Delta + pid_bh.to(tl.int64) * sq
+        K_seq = K + b.to(tl.int64) * stride_kb
+        V_seq = V + b.to(tl.int64) * stride_vb
+        Q_seq = Q + b.to(tl.int64) * stride_qb
+        DO_seq = DO + b.to(tl.int64) * stride_dob
+        DQ_seq = DQ + b.to(tl.int64) * stride_dqb
+    Table_row = Table + b * stride_tb
+    off = sk - sq
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = offs_m[:, None].to(tl.int64)
     row_ok = offs_m[:, None] < sq
     q = tl.load(
-        Q + b.to(tl.int64) * stride_qb + h * stride_qh + rows * stride_qs + offs_dk[None, :],
+        Q_seq + h * stride_qh + rows * stride_qs + offs_dk[None, :],
         mask=row_ok & (dim_mask(offs_dk, DQK, BLOCK_DQK)),
         other=0.0,
     )
     do = tl.load(
-        DO + b.to(tl.int64) * stride_dob + h * stride_doh + rows * stride_dos + offs_dv[None, :],
+        DO_seq + h * stride_doh + rows * stride_dos + offs_dv[None, :],
         mask=row_ok & (dim_mask(offs_dv, DV, BLOCK_DV)),
         other=0.0,
     )
-    lse = tl.load(Lse + pid_bh.to(tl.int64) * sq + offs_m, mask=offs_m < sq, other=float("inf"))
+    lse = tl.load(Lse_row + offs_m, mask=offs_m < sq, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    delta = tl.load(Delta + pid_bh.to(tl.int64) * sq + offs_m, mask=offs_m < sq, other=0.0)
-    K_head = K + b.to(tl.int64) * stride_kb + (h // q_per_k) * stride_kh
-    V_head = V + b.to(tl.int64) * stride_vb + (h // q_per_v) * stride_vh
+    delta = tl.load(Delta_row + offs_m, mask=offs_m < sq, other=0.0)
+    K_head = K_seq + (h // q_per_k) * stride_kh
+    V_head = V_seq + (h // q_per_v) * stride_vh
     Bias_head = Bias + b.to(tl.int64) * stride_bb + h * stride_bh
     DBias_bh = DBias + pid_bh.to(tl.int64) * sq * sk
     slope = 0.0
@@ -622,7 +720,11 @@ def attn_bwd_dq_kernel(
         V_head,
         Bias_head,
         DBias_bh,
+        Table_row,
+        page_size,
+        stride_kb,
         stride_ks,
+        stride_vb,
         stride_vs,
         stride_bm,
         stride_bn,
@@ -647,6 +749,7 @@ def attn_bwd_dq_kernel(
         BLOCK_DQK,
         BLOCK_DV,
         True,
+        PAGED,
         HAS_LEFT,
         HAS_RIGHT,
         HAS_SOFTCAP,
@@ -666,7 +769,11 @@ def attn_bwd_dq_kernel(
         V_head,
         Bias_head,
         DBias_bh,
+        Table_row,
+        page_size,
+        stride_kb,
         stride_ks,
+        stride_vb,
         stride_vs,
         stride_bm,
         stride_bn,
@@ -691,6 +798,7 @@ def attn_bwd_dq_kernel(
         BLOCK_DQK,
         BLOCK_DV,
         False,
+        PAGED,
         HAS_LEFT,
         HAS_RIGHT,
         HAS_SOFTCAP,
@@ -710,7 +818,11 @@ def attn_bwd_dq_kernel(
         V_head,
         Bias_head,
         DBias_bh,
+        Table_row,
+        page_size,
+        stride_kb,
         stride_ks,
+        stride_vb,
         stride_vs,
         stride_bm,
         stride_bn,
@@ -735,6 +847,7 @@ def attn_bwd_dq_kernel(
         BLOCK_DQK,
         BLOCK_DV,
         True,
+        PAGED,
         HAS_LEFT,
         HAS_RIGHT,
         HAS_SOFTCAP,
@@ -746,7 +859,7 @@ def attn_bwd_dq_kernel(
     )
     dq = dq * sm_scale
     tl.store(
-        DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + rows * stride_dqs + offs_dk[None, :],
+        DQ_seq + h * stride_dqh + rows * stride_dqs + offs_dk[None, :],
         dq.to(DQ.dtype.element_ty),
         mask=row_ok & (dim_mask(offs_dk, DQK, BLOCK_DQK)),
     )

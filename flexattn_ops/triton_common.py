@@ -201,3 +201,37 @@ def query_tile_bounds(
     mid_lo = tl.minimum(tl.maximum(((mid_lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo), hi_tiles)
     mid_hi = tl.maximum((r_full // BLOCK_M) * BLOCK_M, mid_lo)
     return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def page_slots(Table_row, offs_n, sk, page_size):
+    """Physical (page, slot-in-page) of key positions `offs_n` (BLOCK_N,) of one sequence whose pages are
+    listed in `Table_row` (any page size). Positions >= sk read page 0 (their loads are masked anyway)."""
+    page = tl.load(Table_row + offs_n // page_size, mask=offs_n < sk, other=0)
+    return page.to(tl.int64), offs_n % page_size
+
+
+@triton.jit
+def seq_bounds(CuQ, CuK, SeqUsed, b, HAS_SEQUSED: tl.constexpr):
+    """Sequence b of a packed batch: (q_start, sq, k_start, sk); sk is seqused_k[b] when given."""
+    q_start = tl.load(CuQ + b)
+    sq = tl.load(CuQ + b + 1) - q_start
+    k_start = tl.load(CuK + b)
+    if HAS_SEQUSED:
+        sk = tl.load(SeqUsed + b)
+    else:
+        sk = tl.load(CuK + b + 1) - k_start
+    return q_start, sq, k_start, sk
+
+
+@triton.jit
+def fill_rows(Ptr, stride_s, start, end, value, BLOCK_M: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store `value` in rows [start, end) of a strided (rows, D) head. The programs along grid axis 0
+    share the rows tile by tile (varlen: the query tokens past cu_seqlens_q[-1], whose count the host
+    never reads)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    fill = tl.full([BLOCK_M, BLOCK_D], value, Ptr.dtype.element_ty)
+    for r0 in range(start + tl.program_id(0) * BLOCK_M, end, tl.num_programs(0) * BLOCK_M):
+        offs_m = r0 + tl.arange(0, BLOCK_M)
+        mask = (offs_m[:, None] < end) & dim_mask(offs_d, D, BLOCK_D)
+        tl.store(Ptr + offs_m[:, None].to(tl.int64) * stride_s + offs_d[None, :], fill, mask=mask)

@@ -1,10 +1,13 @@
-"""Triton forward kernel (and the probs kernel) for dense attention.
+"""Triton forward kernel (and the probs kernel) for dense and varlen attention.
 
 One program computes a (BLOCK_M, dv) output tile of one (batch, query head): it streams the key
 tiles the window allows (online softmax in base 2) in three loops: masked left edge, unmasked
 middle, masked right edge, so a causal or windowed row block never touches a fully masked tile.
 Head dims are padded to powers of two (BLOCK_DQK, BLOCK_DV) with load masks, so any dqk/dv from
-8 to 256 runs.
+8 to 256 runs. Varlen (VARLEN / PAGED constexprs, False for dense inputs, where that code compiles
+away) changes only where a program's rows and keys start and how many there are: each program reads
+its sequence's bounds from cu_seqlens on the device, and paged keys map position j to slot
+j % page_size of page block_table[seq, j // page_size].
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ from flexattn_ops.triton_common import (
     dim_mask,
     dropout_keep,
     dropout_key,
+    fill_rows,
     keep_mask,
     key_tile_bounds,
     mm,
     mma,
+    page_slots,
     score_mods,
+    seq_bounds,
     to_operand,
 )
 
@@ -36,7 +42,11 @@ def _fwd_inner(
     K_head,
     V_head,
     Bias_head,
+    Table_row,
+    page_size,
+    stride_kb,
     stride_ks,
+    stride_vb,
     stride_vs,
     stride_bm,
     stride_bn,
@@ -60,6 +70,7 @@ def _fwd_inner(
     BLOCK_DQK: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr,
+    PAGED: tl.constexpr,
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -83,9 +94,12 @@ def _fwd_inner(
             v_mask = v_mask & (offs_n[:, None] < sk)
         # 64-bit scalar tile base, 32-bit offsets inside the tile (fewer registers than 64-bit per element)
         tile = tl.arange(0, BLOCK_N)[:, None]
-        k = tl.load(
-            K_head + start_n.to(tl.int64) * stride_ks + tile * stride_ks + offs_dk[None, :], mask=k_mask, other=0.0
-        )
+        if PAGED:
+            page, slot = page_slots(Table_row, offs_n, sk, page_size)
+            k_rows = page[:, None] * stride_kb + slot[:, None] * stride_ks
+        else:
+            k_rows = start_n.to(tl.int64) * stride_ks + tile * stride_ks
+        k = tl.load(K_head + k_rows + offs_dk[None, :], mask=k_mask, other=0.0)
         qk = mm(q, tl.trans(k), PRECISION)
         if PLAIN and not MASKED:
             # no score mods, scale > 0, no mask: max over raw qk (BM multiplies, not BM x BN) and one
@@ -116,15 +130,17 @@ def _fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             p = tl.where(dropout_keep(drop_key, bh, i, j, drop_threshold), p, 0.0)
-        v = tl.load(
-            V_head + start_n.to(tl.int64) * stride_vs + tile * stride_vs + offs_dv[None, :], mask=v_mask, other=0.0
-        )
+        if PAGED:
+            v_rows = page[:, None] * stride_vb + slot[:, None] * stride_vs
+        else:
+            v_rows = start_n.to(tl.int64) * stride_vs + tile * stride_vs
+        v = tl.load(V_head + v_rows + offs_dv[None, :], mask=v_mask, other=0.0)
         acc = mma(to_operand(p, v, PRECISION), v, acc * alpha[:, None], PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["sq", "sk", "window_left", "window_right", "drop_threshold"])
+@triton.jit(do_not_specialize=["sq", "sk", "total_q", "window_left", "window_right", "drop_threshold"])
 def attn_fwd_kernel(
     Q,
     K,
@@ -135,6 +151,13 @@ def attn_fwd_kernel(
     Alibi,
     Sinks,
     Rng,
+    CuQ,
+    CuK,
+    SeqUsed,
+    Table,
+    stride_tb,
+    page_size,
+    total_q,
     stride_qb,
     stride_qs,
     stride_qh,
@@ -178,22 +201,57 @@ def attn_fwd_kernel(
     HAS_DROPOUT: tl.constexpr,
     PLAIN: tl.constexpr,
     PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
+    PAGED: tl.constexpr,
+    HAS_SEQUSED: tl.constexpr,
 ):
-    """Grid (cdiv(sq, BLOCK_M), b * hq). Out (b, sq, hq, dv) strided; Lse (b, hq, sq) contiguous float32."""
+    """Dense: grid (cdiv(sq, BLOCK_M), b * hq); Out (b, sq, hq, dv) strided; Lse (b, hq, sq) contiguous float32.
+
+    VARLEN: grid (cdiv(max_seqlen_q, BLOCK_M), (batch + 1) * hq); Q (total_q, hq, dqk), Out (total_q, hq, dv)
+    (stride_qb = stride_ob = 0), Lse (hq, total_q); sequence b is rows CuQ[b]:CuQ[b + 1] of q and attends
+    to its sk = SeqUsed[b] (or CuK[b + 1] - CuK[b]) keys: packed rows from CuK[b] of K/V (total_k, h, d),
+    or with PAGED the pages Table[b, :] of K/V (num_pages, page_size, h, d). Programs of the extra
+    sequence b = batch write out 0, lse -inf for the rows past CuQ[batch]; sq, sk are unused.
+    """
     # Heaviest causal row blocks (the last ones) go first: better tail balance across the 132 SMs.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // hq
     h = pid_bh % hq
-    off = sk - sq
     m0 = pid_m * BLOCK_M
+    if VARLEN:
+        if b == tl.num_programs(1) // hq - 1:
+            pad0 = tl.load(CuQ + b)
+            fill_rows(Out + h * stride_oh, stride_os, pad0, total_q, 0.0, BLOCK_M, DV, BLOCK_DV)
+            fill_rows(Lse + h.to(tl.int64) * total_q, 1, pad0, total_q, float("-inf"), BLOCK_M, 1, 1)
+            return
+        q_start, sq, k_start, sk = seq_bounds(CuQ, CuK, SeqUsed, b, HAS_SEQUSED)
+        if m0 >= sq:
+            return
+        Q_seq = Q + q_start.to(tl.int64) * stride_qs
+        O_seq = Out + q_start.to(tl.int64) * stride_os
+        Lse_row = Lse + h.to(tl.int64) * total_q + q_start
+        if PAGED:  # page rows carry the offsets (_fwd_inner)
+            K_seq = K
+            V_seq = V
+        else:
+            K_seq = K + k_start.to(tl.int64) * stride_ks
+            V_seq = V + k_start.to(tl.int64) * stride_vs
+    else:
+        Q_seq = Q + b.to(tl.int64) * stride_qb
+        O_seq = Out + b.to(tl.int64) * stride_ob
+        Lse_row = Lse + pid_bh.to(tl.int64) * sq
+        K_seq = K + b.to(tl.int64) * stride_kb
+        V_seq = V + b.to(tl.int64) * stride_vb
+    Table_row = Table + b * stride_tb
+    off = sk - sq
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs
+    q_ptrs = Q_seq + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs
     q = tl.load(q_ptrs + offs_dk[None, :], mask=(offs_m[:, None] < sq) & (dim_mask(offs_dk, DQK, BLOCK_DQK)), other=0.0)
-    K_head = K + b.to(tl.int64) * stride_kb + (h // q_per_k) * stride_kh
-    V_head = V + b.to(tl.int64) * stride_vb + (h // q_per_v) * stride_vh
+    K_head = K_seq + (h // q_per_k) * stride_kh
+    V_head = V_seq + (h // q_per_v) * stride_vh
     Bias_head = Bias + b.to(tl.int64) * stride_bb + h * stride_bh
     slope = 0.0
     if HAS_ALIBI:
@@ -216,7 +274,11 @@ def attn_fwd_kernel(
         K_head,
         V_head,
         Bias_head,
+        Table_row,
+        page_size,
+        stride_kb,
         stride_ks,
+        stride_vb,
         stride_vs,
         stride_bm,
         stride_bn,
@@ -240,6 +302,7 @@ def attn_fwd_kernel(
         BLOCK_DQK,
         BLOCK_DV,
         True,
+        PAGED,
         HAS_LEFT,
         HAS_RIGHT,
         HAS_SOFTCAP,
@@ -257,7 +320,11 @@ def attn_fwd_kernel(
         K_head,
         V_head,
         Bias_head,
+        Table_row,
+        page_size,
+        stride_kb,
         stride_ks,
+        stride_vb,
         stride_vs,
         stride_bm,
         stride_bn,
@@ -281,6 +348,7 @@ def attn_fwd_kernel(
         BLOCK_DQK,
         BLOCK_DV,
         False,
+        PAGED,
         HAS_LEFT,
         HAS_RIGHT,
         HAS_SOFTCAP,
@@ -298,7 +366,11 @@ def attn_fwd_kernel(
         K_head,
         V_head,
         Bias_head,
+        Table_row,
+        page_size,
+        stride_kb,
         stride_ks,
+        stride_vb,
         stride_vs,
         stride_bm,
         stride_bn,
@@ -322,6 +394,7 @@ def attn_fwd_kernel(
         BLOCK_DQK,
         BLOCK_DV,
         True,
+        PAGED,
         HAS_LEFT,
         HAS_RIGHT,
         HAS_SOFTCAP,
@@ -342,13 +415,13 @@ def attn_fwd_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc * (drop_rescale / l_safe)[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os
+    o_ptrs = O_seq + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os
     tl.store(
         o_ptrs + offs_dv[None, :],
         out.to(Out.dtype.element_ty),
         mask=(offs_m[:, None] < sq) & (dim_mask(offs_dv, DV, BLOCK_DV)),
     )
-    tl.store(Lse + pid_bh.to(tl.int64) * sq + offs_m, lse, mask=offs_m < sq)
+    tl.store(Lse_row + offs_m, lse, mask=offs_m < sq)
 
 
 @triton.jit(do_not_specialize=["sq", "sk", "window_left", "window_right", "drop_threshold"])

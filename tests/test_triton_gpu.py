@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from flexattn_ops.params import AttnArgs
 from tests.triton_cases import Case, attn_args, backward_twice_equal, check_case, make_inputs, run_ours
 
 pytestmark = [
@@ -120,4 +121,153 @@ def test_cuda_graph_capture() -> None:
     torch.cuda.synchronize()
     assert torch.equal(out, eager[0]) and torch.equal(lse, eager[1])
     for x, y in zip(grads, eager[2], strict=True):
+        assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Varlen: packed and paged keys (flexattn_ops.testing.varlen_attention_ref is the oracle)
+
+# Mixed lengths around the 64/128-row tiles (0, 1, 129, 517 ...); keys >= queries per sequence.
+LENS_Q = [1, 0, 300, 129, 1000, 64, 517]
+LENS_K = [1, 5, 300, 200, 1000, 64, 600]
+
+
+def _cu(lens: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+
+
+def _varlen_inputs(dtype, heads, dims, page: int, pad: int, seed: int):
+    """q (total_q + pad, hq, dqk) and packed or paged (shuffled pages, spares) k/v, on the GPU."""
+    g = torch.Generator().manual_seed(seed)
+    (hq, hk, hv), (dqk, dv) = heads, dims
+
+    def t(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device="cuda", dtype=dtype)
+
+    q = t(sum(LENS_Q) + pad, hq, dqk)
+    if not page:
+        return q, t(sum(LENS_K), hk, dqk), t(sum(LENS_K), hv, dv), None
+    blocks = -(-max(LENS_K) // page)
+    pool = len(LENS_K) * blocks + 3
+    table = torch.randperm(pool, generator=g)[: len(LENS_K) * blocks].view(len(LENS_K), blocks)
+    return q, t(pool, page, hk, dqk), t(pool, page, hv, dv), table.to(device="cuda", dtype=torch.int32)
+
+
+def check_varlen_gpu(dtype, heads, dims, kwargs: dict, page: int = 0, used=None, pad: int = 0, seed: int = 0):
+    """out, lse, dq, dk, dv (and dsink) of the Triton varlen path against the per-sequence float64 oracle."""
+    from flexattn_ops.testing import assert_close_to_oracle, paged_to_packed, varlen_attention_ref
+
+    q, k, v, table = _varlen_inputs(dtype, heads, dims, page, pad, seed)
+    cu_q, cu_k = _cu(LENS_Q), _cu(LENS_K)
+    seqused = torch.tensor(used, dtype=torch.int32, device="cuda") if used is not None else None
+    slopes = kwargs.get("alibi_slopes")
+    sinks = kwargs.get("sinks")
+    left, right = kwargs.get("window_size", (-1, -1))
+    a = AttnArgs(
+        cu_q,
+        cu_k,
+        seqused,
+        table,
+        max(LENS_Q),
+        max(LENS_K),
+        dims[0] ** -0.5,
+        left,
+        0 if kwargs.get("causal") else right,
+        kwargs.get("softcap", 0.0),
+        slopes,
+        None,
+        sinks,
+    )
+    leaves = [x for x in (q, k, v, sinks) if x is not None]
+    for x in leaves:
+        x.requires_grad_(True)
+    out, lse = torch.ops.flexattn.fwd(q, k, v, *a)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+
+    def oracle(compute_dtype):
+        kk = paged_to_packed(k, table, LENS_K) if table is not None else k
+        vv = paged_to_packed(v, table, LENS_K) if table is not None else v
+        scale = dims[0] ** -0.5
+        o, s = varlen_attention_ref(
+            q, kk, vv, cu_q, cu_k, seqused_k=seqused, softmax_scale=scale, compute_dtype=compute_dtype, **kwargs
+        )
+        return o, s, torch.autograd.grad(o, leaves, dout.to(o.dtype), allow_unused=True)
+
+    ref, base = oracle(torch.float64), oracle(dtype)
+    assert_close_to_oracle("out", out, ref[0], base[0], atol=1e-3)
+    assert_close_to_oracle("lse", lse, ref[1], base[1].float(), atol=1e-3)
+    for name, ours, r, b in zip(("dq", "dk", "dv", "dsink"), grads, ref[2], base[2], strict=False):
+        atol = 1e-2 * (sum(LENS_Q) if name == "dsink" else 1)
+        assert_close_to_oracle(name, ours, torch.zeros_like(ours) if r is None else r, b, atol=atol)
+    if pad:
+        assert (out[sum(LENS_Q) :] == 0).all() and torch.isneginf(lse[:, sum(LENS_Q) :]).all()
+        assert (grads[0][sum(LENS_Q) :] == 0).all()
+
+
+def test_varlen_packed_gqa_causal_hd128() -> None:
+    check_varlen_gpu(BF16, (8, 2, 2), (128, 128), {"causal": True})
+
+
+def test_varlen_packed_everything_padding() -> None:
+    """hk != hv, dqk != dv, window + softcap + per-sequence ALiBi, padding tokens past cu_seqlens_q[-1]."""
+    slopes = torch.rand(len(LENS_Q), 4, device="cuda") * 0.1
+    kwargs = {"window_size": (100, 20), "softcap": 20.0, "alibi_slopes": slopes}
+    check_varlen_gpu(F16, (4, 2, 1), (72, 40), kwargs, pad=77)
+
+
+@pytest.mark.parametrize("page", [1, 16, 256])
+def test_varlen_paged(page: int) -> None:
+    check_varlen_gpu(BF16, (8, 2, 2), (128, 128), {"causal": True}, page=page, seed=page)
+
+
+def test_varlen_paged_seqused_sinks() -> None:
+    sinks = torch.randn(4, device="cuda")
+    check_varlen_gpu(BF16, (4, 4, 4), (64, 64), {"sinks": sinks}, page=3, used=[1, 3, 250, 200, 999, 0, 600])
+
+
+def test_varlen_dropout_matches_reference_backend(monkeypatch) -> None:
+    """float32 varlen dropout: the reference backend on the GPU draws the same mask."""
+    q, k, v, table = _varlen_inputs(torch.float32, (4, 2, 2), (64, 64), 16, 5, seed=3)
+    rng = torch.tensor([99, 7], dtype=torch.int64, device="cuda")
+    a = AttnArgs(_cu(LENS_Q), _cu(LENS_K), None, table, max(LENS_Q), max(LENS_K), 0.125, -1, 0)
+    a = a._replace(dropout_p=0.2, rng_state=rng)
+    dout = torch.randn(*q.shape[:-1], 64, device="cuda")
+
+    def run():
+        for x in (q, k, v):
+            x.requires_grad_(True)
+        out, lse = torch.ops.flexattn.fwd(q, k, v, *a)
+        return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+
+    ours = run()
+    monkeypatch.setenv("FLEXATTN_BACKEND", "reference")
+    for x, y in zip(ours, run(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_varlen_cuda_graph_capture() -> None:
+    """Paged varlen fwd + bwd capture into a CUDA graph (no host read of cu_seqlens) and replay equal."""
+    q, k, v, table = _varlen_inputs(BF16, (4, 2, 2), (64, 64), 16, 3, seed=4)
+    a = AttnArgs(_cu(LENS_Q), _cu(LENS_K), None, table, max(LENS_Q), max(LENS_K), 0.125, -1, 0)
+    dout = torch.randn(*q.shape[:-1], 64, device="cuda", dtype=BF16)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+
+    def step():
+        out, lse = torch.ops.flexattn.fwd(q, k, v, *a)
+        return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+
+    eager = step()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = step()
+    g.replay()
+    torch.cuda.synchronize()
+    for x, y in zip(captured, eager, strict=True):
         assert torch.equal(x, y)
