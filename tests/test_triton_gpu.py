@@ -256,7 +256,10 @@ def test_varlen_cuda_graph_capture() -> None:
 
     def step():
         out, lse = torch.ops.flexattn.fwd(q, k, v, *a)
-        return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        # detached: a live autograd graph keeps its AccumulateGrad nodes on the eager stream, and
+        # backward under capture would then sync the capturing stream with it (capture error)
+        return (out.detach(), lse, *grads)
 
     eager = step()
     s = torch.cuda.Stream()

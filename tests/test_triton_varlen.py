@@ -190,6 +190,11 @@ def test_backward_bitwise_reproducible() -> None:
         assert torch.equal(x, y)
 
 
+def test_never_syncs_host() -> None:
+    """Forward and backward, packed and paged, with no host read of a tensor or data-dependent shape."""
+    tv.test_varlen_never_syncs_host()
+
+
 @pytest.mark.parametrize("layout,paged_kv", [("contiguous", True), ("sliced", False), ("permuted", True)])
 def test_opcheck_varlen(layout: str, paged_kv: bool) -> None:
     """opcheck (schema, fake, autograd registration) of fwd and bwd with varlen inputs on Triton."""
