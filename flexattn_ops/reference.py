@@ -225,12 +225,14 @@ def _forward_core(
         s, _, _ = _scores(qx[:, :, rows], kx[:, :, cols], idx.keys(cols), rows, a, _bias_cols(bias, cols))
         m = s.amax(-1)
         if sink is not None:
-            m = torch.maximum(m, sink)
+            # padding tokens past the last sequence belong to no head's softmax: no sink, lse -inf
+            row_sink = torch.where(idx.seq_q[:, None, rows] >= 0, sink, float("-inf"))
+            m = torch.maximum(m, row_sink)
         m = torch.where(torch.isinf(m), 0.0, m)
         e = torch.exp(s - m[..., None])
         denom = e.sum(-1)
         if sink is not None:
-            denom = denom + torch.exp(sink - m)
+            denom = denom + torch.exp(row_sink - m)
         p = e / torch.where(denom > 0, denom, 1.0)[..., None]
         lse[:, :, rows] = m + torch.log(denom)
         scale = _dropout_scale(a, idx.keys(cols), rows, hq)

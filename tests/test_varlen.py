@@ -507,3 +507,15 @@ def test_random_feature_combinations(seed):
         packed_v=lambda c: paged_to_packed(c, table, lens_k),
     )
     assert used_lens  # (the oracle slices seqused_k itself)
+
+
+def test_padding_tokens_past_the_last_sequence_get_no_sink():
+    """Tokens past cu_seqlens_q[-1] belong to no sequence: out 0 and lse -inf, even with sinks."""
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    q = torch.randn(15, 4, 16)  # 3 padding tokens
+    k, v = torch.randn(12, 2, 16), torch.randn(12, 2, 16)
+    sinks = torch.randn(4)
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu, cu, 7, 7, causal=True, sinks=sinks, return_attn_probs=True)
+    assert torch.equal(out[12:], torch.zeros_like(out[12:]))
+    assert torch.isneginf(lse[:, 12:]).all()
+    assert torch.isfinite(lse[:, :12]).all()
