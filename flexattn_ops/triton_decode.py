@@ -45,9 +45,13 @@ MIN_KEYS_PER_SPLIT = 256
 # Programs per SM the heuristic aims for when it splits. Measured on the H100 (benchmarks/RESULTS_decode.md,
 # GQA 32/8, hd 128): b=1 kv 32k peaks at 33 splits (2 per SM, 2448 GB/s) against 2322 at 66 and 1923 at 128.
 PROGRAMS_PER_SM = 2
-# Splitting stops paying once the unsplit grid covers this fraction of the SMs: b=16 kv 8k (128 programs)
-# ran 3072 GB/s unsplit against 2994 at 2 splits; b=64 and b=128 likewise peaked unsplit.
+# Contiguous caches: splitting stops paying once the unsplit grid covers this fraction of the SMs: b=16 kv 8k
+# (128 programs) ran 3072 GB/s unsplit against 2994 at 2 splits; b=64 and b=128 likewise peaked unsplit.
 NO_SPLIT_FILL = 0.5
+# Paged caches add a dependent page-table load to every key tile, and more programs in flight hide it: at
+# 4 per SM, always splitting, paged-256 ran 2845 / 2936 GB/s at b=16 kv 8k / b=64 kv 4k against 2442 / 2753
+# with the contiguous rule (1 split); b=1 kv 32k: 66 splits 2254, 33 splits 2376 (one sweep, one table).
+PAGED_PROGRAMS_PER_SM = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -755,18 +759,24 @@ def decode_config(dtype: torch.dtype, dqk: int, dv: int, rows: int) -> tuning.Co
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": stages}
 
 
-def choose_num_splits(num_splits: int, base_programs: int, cache_len: int, block_n: int, device: torch.device) -> int:
+def choose_num_splits(
+    num_splits: int, base_programs: int, cache_len: int, block_n: int, device: torch.device, paged: bool = False
+) -> int:
     """How many key splits each tile of query rows gets. `num_splits` > 0 is honoured up to MAX_SPLITS and
     one split per key tile; 0 picks from the shapes and the SM count only (never from cache_seqlens, which
-    lives on the device): none once the unsplit grid fills NO_SPLIT_FILL of the SMs, else enough programs
-    for PROGRAMS_PER_SM per SM, each streaming >= MIN_KEYS_PER_SPLIT of the cache capacity. E.g. H100
-    (132 SMs), GQA 32/8: b=1 kv 32k -> 33 splits; kv 2k -> 8; b >= 9 -> 1."""
+    lives on the device). Contiguous caches: none once the unsplit grid fills NO_SPLIT_FILL of the SMs, else
+    PROGRAMS_PER_SM per SM; paged caches: PAGED_PROGRAMS_PER_SM per SM; each split streams at least
+    MIN_KEYS_PER_SPLIT of the cache capacity. H100 (132 SMs), GQA 32/8, b=1 / 16 / 64 / 128 at kv 32k / 8k /
+    4k / 2k: contiguous 33 / 1 / 1 / 1 splits, paged 66 / 5 / 2 / 1."""
     tiles = max(1, triton.cdiv(cache_len, block_n))
     if num_splits > 0:
         return max(1, min(num_splits, MAX_SPLITS, tiles))
-    if base_programs >= NO_SPLIT_FILL * sm_count(device):
+    if paged:
+        want = triton.cdiv(PAGED_PROGRAMS_PER_SM * sm_count(device), max(1, base_programs))
+    elif base_programs >= NO_SPLIT_FILL * sm_count(device):
         return 1
-    want = triton.cdiv(PROGRAMS_PER_SM * sm_count(device), max(1, base_programs))
+    else:
+        want = triton.cdiv(PROGRAMS_PER_SM * sm_count(device), max(1, base_programs))
     by_len = max(1, cache_len // MIN_KEYS_PER_SPLIT)
     return max(1, min(want, by_len, MAX_SPLITS, tiles))
 
@@ -802,7 +812,7 @@ def fwd_kvcache(
     m_tiles = max(1, triton.cdiv(rows, block_m))
     n_groups = hq // group
     splits = cfg.get("num_splits") or choose_num_splits(
-        c.num_splits, b * n_groups * m_tiles, cache_len, block_n, q.device
+        c.num_splits, b * n_groups * m_tiles, cache_len, block_n, q.device, paged=c.block_table is not None
     )
     precision = _precision(q.dtype)
     # "upcast" kernels write float32 and the host rounds (to nearest, unlike the interpreter's conversion)

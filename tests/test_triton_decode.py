@@ -218,7 +218,8 @@ def test_num_splits(num_splits, sinks, combine_calls):
         case.kwargs["sinks"] = torch.randn(4)
     check(case)
     cache_len = case.block_table.shape[1] * 16
-    expected = {0: triton_decode.choose_num_splits(0, 3 * 2, cache_len, 16, torch.device("cpu")), 1: 1, 2: 2, 5: 5}
+    heuristic = triton_decode.choose_num_splits(0, 3 * 2, cache_len, 16, torch.device("cpu"), paged=True)
+    expected = {0: heuristic, 1: 1, 2: 2, 5: 5}
     expected[4096] = min(triton_decode.MAX_SPLITS, cache_len // 16)
     n = expected[num_splits]
     assert combine_calls == ([n] if n > 1 else [])
@@ -232,6 +233,11 @@ def test_split_heuristic_uses_shapes_and_sm_count(monkeypatch):
     dev = torch.device("cuda")
     pick = [triton_decode.choose_num_splits(0, b * 8, kv, 64, dev) for b, kv in ((1, 32768), (16, 8192), (64, 4096))]
     assert pick == [33, 1, 1]  # the optima the H100 sweep measured (benchmarks/RESULTS_decode.md)
+    paged = [
+        triton_decode.choose_num_splits(0, b * 8, kv, 64, dev, paged=True)
+        for b, kv in ((1, 32768), (16, 8192), (64, 4096), (128, 2048))
+    ]
+    assert paged == [66, 5, 2, 1]
     assert triton_decode.choose_num_splits(0, 128 * 8, 2048, 64, dev) == 1
     assert triton_decode.choose_num_splits(0, 8, 300, 64, dev) == 1  # short caches are not split
     assert triton_decode.choose_num_splits(7, 8, 300, 64, dev) == 5  # asked for: capped at one per tile
