@@ -44,11 +44,6 @@ def unsupported(op: str, q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> Option
     return None
 
 
-def _pad(d: int) -> int:
-    # tl.dot needs every tile dim >= 16; padding to powers of two costs masked lanes only
-    return max(16, triton.next_power_of_2(d))
-
-
 def _bias4(a: AttnArgs) -> tuple[Optional[Tensor], tuple[int, int, int, int]]:
     """attn_bias as a 4-d view and its strides with 0 on the broadcast (size-1) axes."""
     if a.attn_bias is None:
@@ -59,18 +54,9 @@ def _bias4(a: AttnArgs) -> tuple[Optional[Tensor], tuple[int, int, int, int]]:
     return bias4, strides  # type: ignore[return-value]
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot precision: exact float32 products for float32 inputs (tf32 would miss the oracle tolerance)."""
-    if dtype == torch.float32:
-        return "ieee"
-    if dtype == torch.bfloat16 and tuning.interpreting():
-        return "upcast"  # the interpreter's dot mis-reads bfloat16 tiles (see triton_common.mm)
-    return "tf32"  # ignored for 16-bit inputs
-
-
 def _store_dtype(dtype: torch.dtype) -> torch.dtype:
     """Kernels write float32 in "upcast" mode and the host rounds (to nearest, unlike the interpreter)."""
-    return torch.float32 if _precision(dtype) == "upcast" else dtype
+    return torch.float32 if tuning.dot_precision(dtype) == "upcast" else dtype
 
 
 def _common(q: Tensor, a: AttnArgs) -> dict:
@@ -88,7 +74,7 @@ def _common(q: Tensor, a: AttnArgs) -> dict:
         "HAS_ALIBI": has_alibi,
         "HAS_BIAS": a.attn_bias is not None,
         "HAS_DROPOUT": a.dropout_p > 0,
-        "PRECISION": _precision(q.dtype),
+        "PRECISION": tuning.dot_precision(q.dtype),
         "stride_ab": (a.alibi_slopes.stride(0) if a.alibi_slopes.dim() == 2 else 0) if has_alibi else 0,
     }
 
@@ -205,8 +191,8 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> tuple[Tensor, Tensor]:
             DV=dv,
             BLOCK_M=cfg["BLOCK_M"],
             BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_DQK=_pad(dqk),
-            BLOCK_DV=_pad(dv),
+            BLOCK_DQK=tuning.pad_dim(dqk),
+            BLOCK_DV=tuning.pad_dim(dv),
             HAS_LEFT=c["HAS_LEFT"],
             HAS_RIGHT=c["HAS_RIGHT"],
             HAS_SOFTCAP=c["HAS_SOFTCAP"],
@@ -261,7 +247,7 @@ def probs(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> Tensor:
         DQK=dqk,
         BLOCK_M=block,
         BLOCK_N=block,
-        BLOCK_DQK=_pad(dqk),
+        BLOCK_DQK=tuning.pad_dim(dqk),
         HAS_LEFT=c["HAS_LEFT"],
         HAS_RIGHT=c["HAS_RIGHT"],
         HAS_SOFTCAP=c["HAS_SOFTCAP"],
@@ -311,7 +297,16 @@ def bwd(
     pre_rows = q.shape[0] if a.is_varlen else sq
     pre_block = 16 if tuning.interpreting() else 64
     bwd_preprocess_kernel[(triton.cdiv(pre_rows, pre_block), delta.numel() // pre_rows)](
-        out, dout, delta, *_strides(out), *_strides(dout), hq, pre_rows, DV=dv, BLOCK_M=pre_block, BLOCK_DV=_pad(dv)
+        out,
+        dout,
+        delta,
+        *_strides(out),
+        *_strides(dout),
+        hq,
+        pre_rows,
+        DV=dv,
+        BLOCK_M=pre_block,
+        BLOCK_DV=tuning.pad_dim(dv),
     )
 
     # dK/dV: with hk == hv a program sums the query heads of its kv head in registers; otherwise
@@ -370,8 +365,8 @@ def bwd(
             DV=dv,
             BLOCK_M=cfg["BLOCK_M"],
             BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_DQK=_pad(dqk),
-            BLOCK_DV=_pad(dv),
+            BLOCK_DQK=tuning.pad_dim(dqk),
+            BLOCK_DV=tuning.pad_dim(dv),
             HAS_LEFT=c["HAS_LEFT"],
             HAS_RIGHT=c["HAS_RIGHT"],
             HAS_SOFTCAP=c["HAS_SOFTCAP"],
@@ -433,8 +428,8 @@ def bwd(
             DV=dv,
             BLOCK_M=cfg["BLOCK_M"],
             BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_DQK=_pad(dqk),
-            BLOCK_DV=_pad(dv),
+            BLOCK_DQK=tuning.pad_dim(dqk),
+            BLOCK_DV=tuning.pad_dim(dv),
             HAS_LEFT=c["HAS_LEFT"],
             HAS_RIGHT=c["HAS_RIGHT"],
             HAS_SOFTCAP=c["HAS_SOFTCAP"],

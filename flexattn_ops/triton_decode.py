@@ -715,20 +715,6 @@ def combine_kernel(
 # Host side
 
 
-def _pad(d: int) -> int:
-    # tl.dot needs every tile dim >= 16; powers of two cost masked lanes only
-    return max(16, triton.next_power_of_2(d))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot precision, as the dense backend: ieee for float32, "upcast" for bfloat16 in the interpreter."""
-    if dtype == torch.float32:
-        return "ieee"
-    if dtype == torch.bfloat16 and tuning.interpreting():
-        return "upcast"  # the interpreter's dot mis-reads bfloat16 tiles (see triton_common.mm)
-    return "tf32"  # ignored for 16-bit inputs
-
-
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -751,7 +737,7 @@ def decode_config(dtype: torch.dtype, dqk: int, dv: int, rows: int) -> tuning.Co
     if tuning.interpreting():
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
     block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    width = _pad(dqk) + _pad(dv)
+    width = tuning.pad_dim(dqk) + tuning.pad_dim(dv)
     block_n = 64 if width <= 256 else 32
     if dtype == torch.float32:
         block_n = min(block_n, 32)
@@ -814,7 +800,7 @@ def fwd_kvcache(
     splits = cfg.get("num_splits") or choose_num_splits(
         c.num_splits, b * n_groups * m_tiles, cache_len, block_n, q.device, paged=c.block_table is not None
     )
-    precision = _precision(q.dtype)
+    precision = tuning.dot_precision(q.dtype)
     # "upcast" kernels write float32 and the host rounds (to nearest, unlike the interpreter's conversion)
     out_dtype = torch.float32 if precision == "upcast" else q.dtype
     out = q.new_empty((b, sq, hq, dv), dtype=out_dtype)
@@ -891,8 +877,8 @@ def fwd_kvcache(
         DV=dv,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_DQK=_pad(dqk),
-        BLOCK_DV=_pad(dv),
+        BLOCK_DQK=tuning.pad_dim(dqk),
+        BLOCK_DV=tuning.pad_dim(dv),
         PAGED=paged,
         PAGE_TILES=page_tiles,
         SAME_SLOTS=k_cache.stride()[:2] == v_cache.stride()[:2],
@@ -950,7 +936,8 @@ def _launch_combine(
         return
     dv = out_p.shape[-1]
     # a (BLOCK_S, BLOCK_DV) float32 tile of at most 8k values: 64 registers a thread at 4 warps
-    block_s = max(2, min(triton.next_power_of_2(splits), 8192 // _pad(dv), 16 if tuning.interpreting() else 128))
+    max_rows = 16 if tuning.interpreting() else 128
+    block_s = max(2, min(triton.next_power_of_2(splits), 8192 // tuning.pad_dim(dv), max_rows))
     combine_kernel[(n_rows,)](
         out_p,
         lse_p,
@@ -976,7 +963,7 @@ def _launch_combine(
         l_str[2],
         DV=dv,
         BLOCK_S=block_s,
-        BLOCK_DV=_pad(dv),
+        BLOCK_DV=tuning.pad_dim(dv),
         HAS_SINKS=sinks is not None,
     )
 

@@ -42,8 +42,18 @@ def _cache_path() -> Path:
     return Path(root) / "triton_tuning.json"
 
 
-def _pad(d: int) -> int:
+def pad_dim(d: int) -> int:
+    """A head dim as a tile dim: tl.dot needs every tile dim >= 16; powers of two cost masked lanes only."""
     return max(16, triton.next_power_of_2(d))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision: exact float32 products for float32 inputs (tf32 would miss the oracle tolerance)."""
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"  # the interpreter's dot mis-reads bfloat16 tiles (see triton_common.mm)
+    return "tf32"  # ignored for 16-bit inputs
 
 
 @functools.cache
@@ -65,7 +75,7 @@ def config_key(
     SHORT_SEQLEN (seqlen = max(sq, sk)) get a "|short" suffix."""
     dt = str(dtype).replace("torch.", "")
     return (
-        f"{kernel}|{_device_name(device)}|triton{triton.__version__}|{dt}|{_pad(dqk)}x{_pad(dv)}|"
+        f"{kernel}|{_device_name(device)}|triton{triton.__version__}|{dt}|{pad_dim(dqk)}x{pad_dim(dv)}|"
         f"{'causal' if causal else 'full'}" + ("|short" if seqlen <= SHORT_SEQLEN else "")
     )
 
@@ -74,7 +84,7 @@ def default_config(kernel: str, dtype: torch.dtype, dqk: int, dv: int) -> Config
     """Heuristic configuration (no timing): what an H100 liked for the nearest head dims."""
     if interpreting():
         return dict(INTERPRET_CONFIG)
-    width = _pad(dqk) + _pad(dv)
+    width = pad_dim(dqk) + pad_dim(dv)
     fp32 = dtype == torch.float32
     if kernel == "fwd":
         if width <= 128:
@@ -102,7 +112,7 @@ def default_config(kernel: str, dtype: torch.dtype, dqk: int, dv: int) -> Config
 
 def candidates(kernel: str, dtype: torch.dtype, dqk: int, dv: int) -> list[Config]:
     """What the tuner tries: the default plus neighbours (tile sizes, warps, pipeline depth)."""
-    width = _pad(dqk) + _pad(dv)
+    width = pad_dim(dqk) + pad_dim(dv)
     out: list[Config] = [default_config(kernel, dtype, dqk, dv)]
     if kernel == "fwd":
         grid = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 3)]

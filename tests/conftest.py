@@ -42,3 +42,17 @@ def inductor_cache(tmp_path, monkeypatch):
 def _default_backend(monkeypatch):
     """Tests choose backends explicitly; a FLEXATTN_BACKEND from the shell must not leak in."""
     monkeypatch.delenv("FLEXATTN_BACKEND", raising=False)
+
+
+@pytest.fixture
+def triton_backend_poisoned(monkeypatch):
+    """FLEXATTN_BACKEND=triton, and fresh tensors filled with NaN (deterministic mode) so an output
+    element a kernel forgets to write fails the comparison with the oracle."""
+    monkeypatch.setenv("FLEXATTN_BACKEND", "triton")
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(prev)
+    torch.utils.deterministic.fill_uninitialized_memory = prev_fill

@@ -18,19 +18,12 @@ pytest.importorskip("triton")
 
 from tests.triton_cases import Case, backward_twice_equal, check_case  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1"),
+    pytest.mark.usefixtures("triton_backend_poisoned"),
+]
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
-
-
-@pytest.fixture(autouse=True)
-def _triton_and_poison(monkeypatch):
-    monkeypatch.setenv("FLEXATTN_BACKEND", "triton")
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev)
 
 
 CASES = {

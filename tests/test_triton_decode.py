@@ -22,19 +22,12 @@ from flexattn_ops.params import AttnArgs  # noqa: E402
 from flexattn_ops.testing import NoHostSync, assert_rel_close  # noqa: E402
 from tests.test_kvcache import _combine_oracle, _kvcache_op_args, check, make_case  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1"),
+    pytest.mark.usefixtures("triton_backend_poisoned"),
+]
 
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-@pytest.fixture(autouse=True)
-def _triton_and_poison(monkeypatch):
-    monkeypatch.setenv("FLEXATTN_BACKEND", "triton")
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev)
 
 
 @pytest.fixture

@@ -20,19 +20,12 @@ from flexattn_ops import dispatch  # noqa: E402
 from flexattn_ops.params import AttnArgs  # noqa: E402
 from tests.test_varlen import LENS_K, LENS_Q, check_fwd_bwd, cu, paged, rand, score_kwargs  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1"),
+    pytest.mark.usefixtures("triton_backend_poisoned"),
+]
 
 F32, BF16 = torch.float32, torch.bfloat16
-
-
-@pytest.fixture(autouse=True)
-def _triton_and_poison(monkeypatch):
-    monkeypatch.setenv("FLEXATTN_BACKEND", "triton")
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev)
 
 
 def _paged_check(g, dtype, lens_q, lens_k, page, heads, dims, kwargs, seqused=None) -> None:
