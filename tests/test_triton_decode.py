@@ -17,9 +17,10 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from flexattn_ops import dispatch, flash_attn_with_kvcache  # noqa: E402
+from flexattn_ops import dispatch  # noqa: E402
 from flexattn_ops.params import AttnArgs  # noqa: E402
-from flexattn_ops.testing import NoHostSync, assert_rel_close  # noqa: E402
+from flexattn_ops.testing import assert_rel_close  # noqa: E402
+from tests import test_kvcache as reference_tests  # noqa: E402
 from tests.test_kvcache import _combine_oracle, _kvcache_op_args, check, make_case  # noqa: E402
 
 pytestmark = [
@@ -28,6 +29,15 @@ pytestmark = [
 ]
 
 DTYPES = [torch.float32, torch.bfloat16]
+
+# The reference backend's tests that need nothing Triton-specific, collected again here, where this
+# module's pytestmark runs them on the Triton backend.
+test_alibi_per_batch_and_sq_longer_than_keys = reference_tests.test_alibi_per_batch_and_sq_longer_than_keys
+test_cache_batch_idx = reference_tests.test_cache_batch_idx
+test_combine_bf16_partials_merge_in_fp32 = reference_tests.test_combine_bf16_partials_merge_in_fp32
+test_leftpad = reference_tests.test_leftpad
+test_no_new_keys_full_cache = reference_tests.test_no_new_keys_full_cache
+test_ops_never_sync_host = reference_tests.test_ops_never_sync_host
 
 
 @pytest.fixture
@@ -105,17 +115,6 @@ def test_long_cache_windows_and_splits(window, num_splits, page):
     check(case)
 
 
-def test_alibi_per_batch_and_sq_longer_than_keys():
-    """Per-batch ALiBi slopes; with sq > keys, causal rows before the first key give out 0, lse -inf."""
-    g = torch.Generator().manual_seed(3)
-    case = make_case(sq=6, s_new=2, cache_len=9, causal=True, seed=3)
-    case.seqlens = [3, 0, 7]
-    case.kwargs["alibi_slopes"] = torch.rand(3, 4, generator=g) + 0.1
-    check(case)
-    out, lse, _, _ = case.run()
-    assert torch.isneginf(lse[1, :, :4]).all() and (out[1, :4] == 0).all()
-
-
 @pytest.mark.parametrize("page", [None, 16])
 @pytest.mark.parametrize("leftpad", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
@@ -147,22 +146,6 @@ def test_rotary_fp16_neox_paged_page1():
     check(make_case(sq=1, s_new=1, rotary_dim=16, dtype=torch.float16, page=1, rotary_interleaved=False))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("page", [None, 3])
-def test_leftpad(dtype, page):
-    check(make_case(sq=2, s_new=2, leftpad=True, page=page, dtype=dtype, causal=True, alibi_slopes=torch.rand(4)))
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cache_batch_idx(dtype):
-    """Sequences read and write cache rows cache_batch_idx (a larger cache, rows shuffled)."""
-    case = make_case(sq=2, s_new=2, batch_idx=True, dtype=dtype, causal=True, rotary_dim=8)
-    check(case)
-    _, _, kc, _ = case.run()
-    unused = sorted(set(range(case.k_cache.shape[0])) - set(case.batch_idx or []))
-    assert torch.equal(kc[unused], case.k_cache[unused])
-
-
 @pytest.mark.parametrize(
     "heads,dims",
     [((4, 4, 4), (32, 32)), ((8, 1, 1), (16, 16)), ((6, 3, 2), (24, 40)), ((4, 2, 4), (8, 64)), ((3, 1, 3), (5, 7))],
@@ -178,16 +161,6 @@ def test_query_rows_over_several_tiles(num_splits):
     """GQA group of 4 x 5 query rows = 20 rows > one 16-row tile: two row tiles per group, only the first
     of which writes the appended keys."""
     check(make_case(heads=(8, 2, 2), sq=5, s_new=5, cache_len=40, causal=True, rotary_dim=8, num_splits=num_splits))
-
-
-def test_no_new_keys_full_cache():
-    """No k/v and no cache_seqlens: attend to the whole cache, change nothing."""
-    case = make_case(s_new=0, sq=3)
-    case.seqlens = [case.k_cache.shape[1]] * 3
-    out, lse, kc, vc = case.run()
-    out2, lse2 = flash_attn_with_kvcache(case.q, kc, vc, return_softmax_lse=True)
-    assert torch.equal(out, out2) and torch.equal(lse, lse2)
-    check(case)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
@@ -261,16 +234,6 @@ def test_combine_matches_logsumexp(layout):
     assert_rel_close("lse", lse, ref_lse)
 
 
-def test_combine_bf16_partials_merge_in_fp32():
-    g = torch.Generator().manual_seed(1)
-    out_p = torch.randn(3, 6, 8, generator=g).bfloat16()
-    lse_p = torch.randn(3, 6, generator=g)
-    out, _ = torch.ops.flexattn.combine(out_p, lse_p)
-    ref_out, _ = _combine_oracle(out_p, lse_p)
-    assert out.dtype == torch.float32
-    assert_rel_close("out", out, ref_out)
-
-
 def test_combine_of_key_chunks_is_full_attention():
     """What ring attention relies on: fwd over disjoint key chunks, merged, equals fwd over all keys."""
     g = torch.Generator().manual_seed(2)
@@ -296,14 +259,6 @@ def test_combine_of_key_chunks_is_full_attention():
 @pytest.mark.parametrize("layout", ["contiguous", "permuted", "sliced"])
 def test_opcheck_fwd_kvcache(layout, paged):
     torch.library.opcheck(torch.ops.flexattn.fwd_kvcache.default, _kvcache_op_args(layout, paged))
-
-
-@pytest.mark.parametrize("paged", [False, True])
-def test_ops_never_sync_host(paged):
-    args = _kvcache_op_args("contiguous", paged)
-    with NoHostSync():
-        torch.ops.flexattn.fwd_kvcache(*args)
-        torch.ops.flexattn.combine(torch.randn(2, 3, 4), torch.randn(2, 3))
 
 
 @pytest.mark.parametrize("seed", range(40))
