@@ -33,6 +33,10 @@ DTYPES = [torch.float32, torch.bfloat16]
 # The reference backend's tests that need nothing Triton-specific, collected again here, where this
 # module's pytestmark runs them on the Triton backend.
 test_alibi_per_batch_and_sq_longer_than_keys = reference_tests.test_alibi_per_batch_and_sq_longer_than_keys
+test_masks_and_score_mods = reference_tests.test_masks_and_score_mods
+test_append_and_attend = reference_tests.test_append_and_attend
+test_heads_and_dims = reference_tests.test_heads_and_dims
+test_rotary = reference_tests.test_rotary
 test_cache_batch_idx = reference_tests.test_cache_batch_idx
 test_combine_bf16_partials_merge_in_fp32 = reference_tests.test_combine_bf16_partials_merge_in_fp32
 test_leftpad = reference_tests.test_leftpad
@@ -62,47 +66,6 @@ def test_backend_is_triton():
     assert dispatch.explain("combine", q, q, q, AttnArgs()).selected == "triton"
 
 
-@pytest.mark.parametrize("s_new", [0, 1, 5])
-@pytest.mark.parametrize("page", [None, 1, 3, 16, 256])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_append_and_attend(dtype, page, s_new):
-    """Dense and paged caches (page sizes 1, 3, 16, 256), GQA with hk != hv and dqk != dv."""
-    cache_len = 300 if page == 256 else 23
-    check(make_case(dtype=dtype, page=page, s_new=s_new, sq=max(s_new, 1), cache_len=cache_len, causal=True))
-
-
-@pytest.mark.parametrize(
-    "mask",
-    [
-        {},
-        {"causal": True},
-        {"window_size": (3, 1)},
-        {"window_size": (-1, 0)},
-        {"window_size": (2, -1)},
-        {"softcap": 0.7},
-        {"alibi": "head"},
-        {"alibi": "batch"},
-        {"sinks": True},
-        {"causal": True, "softcap": 1.5, "alibi": "batch", "sinks": True},
-    ],
-    ids=lambda m: "-".join(f"{k}{v}" for k, v in m.items()) or "none",
-)
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("page", [None, 3])
-def test_masks_and_score_mods(mask, num_splits, page):
-    """Sq > 1 so the bottom-right aligned masks differ per row; splits merge with sinks added once."""
-    g = torch.Generator().manual_seed(1)
-    case = make_case(sq=4, s_new=2, page=page, num_splits=num_splits, seed=2)
-    for key, val in mask.items():
-        if key == "alibi":
-            case.kwargs["alibi_slopes"] = torch.rand((4,) if val == "head" else (3, 4), generator=g) + 0.1
-        elif key == "sinks":
-            case.kwargs["sinks"] = torch.randn(4, generator=g)
-        else:
-            case.kwargs[key] = val
-    check(case)
-
-
 @pytest.mark.parametrize("page", [None, 5, 16])
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("window", [(-1, -1), (70, 0), (40, 9)])
@@ -115,27 +78,6 @@ def test_long_cache_windows_and_splits(window, num_splits, page):
     check(case)
 
 
-@pytest.mark.parametrize("page", [None, 16])
-@pytest.mark.parametrize("leftpad", [False, True])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("rotary_dim", [16, 8, 2])
-@pytest.mark.parametrize("interleaved", [True, False])
-def test_rotary(interleaved, rotary_dim, causal, leftpad, page):
-    """Rotary on q and new k inside the kernel (interleaved and GPT-NeoX, partial rotary_dim), positions
-    shifted by leftpad; without causal/local every query sits at position cache_seqlens - leftpad."""
-    case = make_case(
-        sq=3,
-        s_new=3,
-        rotary_dim=rotary_dim,
-        leftpad=leftpad,
-        page=page,
-        causal=causal,
-        rotary_interleaved=interleaved,
-        seed=rotary_dim + 10 * page if page else rotary_dim,
-    )
-    check(case)
-
-
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_rotary_bf16_and_local_window(num_splits):
     case = make_case(sq=2, s_new=2, rotary_dim=12, dtype=torch.bfloat16, window_size=(4, 0), leftpad=True)
@@ -144,16 +86,6 @@ def test_rotary_bf16_and_local_window(num_splits):
 
 def test_rotary_fp16_neox_paged_page1():
     check(make_case(sq=1, s_new=1, rotary_dim=16, dtype=torch.float16, page=1, rotary_interleaved=False))
-
-
-@pytest.mark.parametrize(
-    "heads,dims",
-    [((4, 4, 4), (32, 32)), ((8, 1, 1), (16, 16)), ((6, 3, 2), (24, 40)), ((4, 2, 4), (8, 64)), ((3, 1, 3), (5, 7))],
-)
-@pytest.mark.parametrize("page", [None, 1])
-def test_heads_and_dims(heads, dims, page):
-    """MHA, MQA, hk != hv with groups that do not nest (6/3/2: tiles of gcd(2, 3) = 1 head), odd dims."""
-    check(make_case(heads=heads, dims=dims, page=page, sq=2, s_new=1, causal=True))
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
