@@ -4,11 +4,15 @@
 the first backend in `BACKENDS` that can run the inputs; a backend asked for by name that
 cannot run them raises, saying why. `explain` reports the choice and every other backend's reason.
 
-| backend   | module                         | runs on                                        |
-| --------- | ------------------------------ | ---------------------------------------------- |
-| cuda      | `flexattn_ops._C` (csrc/)      | SM80 / SM90 GPUs, once the extension is built  |
-| triton    | `flexattn_ops.triton_backend`  | CUDA GPUs; CPU tensors under TRITON_INTERPRET=1 |
-| reference | `flexattn_ops.reference`       | any device (the CPU implementation)            |
+| backend   | module                         | runs on                                                    |
+| --------- | ------------------------------ | ---------------------------------------------------------- |
+| cuda      | `flexattn_ops.cuda_backend`    | SM90 GPUs: csrc/'s forward (`cuda_ext` loads or JIT-builds |
+|           |                                | it); backward through Triton on the CUDA out/lse           |
+| triton    | `flexattn_ops.triton_backend`  | CUDA GPUs; CPU tensors under TRITON_INTERPRET=1            |
+| reference | `flexattn_ops.reference`       | any device (the CPU implementation)                        |
+
+What each backend runs is its module's `unsupported(op, q, k, v, a)`; this module only adds the
+device and installation checks, cheapest first (CPU tensors never touch CUDA or a build).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Optional
 
 from torch import Tensor
 
+from flexattn_ops import cuda_ext
 from flexattn_ops.params import AttnArgs
 
 BACKEND_ENV = "FLEXATTN_BACKEND"
@@ -55,7 +60,8 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _module(name: str) -> ModuleType:
+def backend_module(name: str) -> ModuleType:
+    """The module of backend `name` (it has a function per op it runs)."""
     return importlib.import_module(f"flexattn_ops.{name}_backend" if name != "reference" else "flexattn_ops.reference")
 
 
@@ -66,16 +72,16 @@ def why_not(name: str, op: str, q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) ->
     if name == "reference":
         return None
     if name == "cuda":
-        if not _installed("flexattn_ops._C"):
-            return "the CUDA extension flexattn_ops._C is not built (no SM80/SM90 kernels in this install)"
-        return _module("cuda").unsupported(op, q, k, v, a)
+        if q.device.type != "cuda":
+            return f"the CUDA backend runs on CUDA tensors, got {q.device.type} ({cuda_ext.describe()})"
+        return backend_module("cuda").unsupported(op, q, k, v, a)  # loads the extension last
     if name == "triton":
         interpret = os.environ.get("TRITON_INTERPRET") == "1"
         if q.device.type != "cuda" and not (q.device.type == "cpu" and interpret):
             return f"Triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {q.device.type}"
         if not _installed("triton"):
             return "triton is not installed"
-        return _module("triton").unsupported(op, q, k, v, a)
+        return backend_module("triton").unsupported(op, q, k, v, a)
     raise ValueError(f"unknown backend {name!r}")
 
 
@@ -97,4 +103,4 @@ def explain(op: str, q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> BackendCho
 
 def select(op: str, q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> ModuleType:
     """The backend module that runs `op` (it has a function named `op`)."""
-    return _module(explain(op, q, k, v, a).selected)
+    return backend_module(explain(op, q, k, v, a).selected)
