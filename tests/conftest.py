@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -44,15 +45,34 @@ def _default_backend(monkeypatch):
     monkeypatch.delenv("FLEXATTN_BACKEND", raising=False)
 
 
+@contextlib.contextmanager
+def _poisoned_memory(warn_only: bool = False):
+    """Fresh tensors filled with NaN (deterministic mode) while inside, so an output element a kernel
+    forgets to write fails the comparison with the oracle."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
 @pytest.fixture
 def triton_backend_poisoned(monkeypatch):
-    """FLEXATTN_BACKEND=triton, and fresh tensors filled with NaN (deterministic mode) so an output
-    element a kernel forgets to write fails the comparison with the oracle."""
+    """FLEXATTN_BACKEND=triton, outputs poisoned (`_poisoned_memory`)."""
     monkeypatch.setenv("FLEXATTN_BACKEND", "triton")
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev)
-    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+    with _poisoned_memory():
+        yield
+
+
+@pytest.fixture
+def cuda_backend_poisoned(monkeypatch):
+    """FLEXATTN_BACKEND=cuda, outputs poisoned. warn_only: strict deterministic mode would make the
+    oracle's cuBLAS matmuls on the GPU raise (no CUBLAS_WORKSPACE_CONFIG); only the NaN fill is wanted."""
+    monkeypatch.setenv("FLEXATTN_BACKEND", "cuda")
+    with _poisoned_memory(warn_only=True):
+        yield
