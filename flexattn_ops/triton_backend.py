@@ -99,7 +99,8 @@ class _Seqs(NamedTuple):
 
     ``args`` are the kernels' (CuQ, CuK, SeqUsed, Table, stride_tb, page_size, total_q) arguments,
     ``flags`` their VARLEN, PAGED, HAS_SEQUSED constexprs; ``batch``, ``sq``, ``sk`` size the grids
-    (varlen: the number of sequences and max_seqlen_q/k, from the Python-int arguments: no host sync).
+    (varlen: the number of sequences and max_seqlen_q/k, from the Python-int arguments: no host sync);
+    ``page_size`` is the paged cache's (0 when not paged).
     """
 
     args: tuple
@@ -107,6 +108,11 @@ class _Seqs(NamedTuple):
     batch: int
     sq: int
     sk: int
+    page_size: int = 0
+
+    def key_flags(self, block_n: int) -> dict:
+        """flags plus PAGE_TILE_ALIGNED for key tiles of `block_n` (the launched config's BLOCK_N)."""
+        return {**self.flags, "PAGE_TILE_ALIGNED": tuning.page_tile_aligned(self.page_size, block_n)}
 
 
 def _seqs(q: Tensor, k: Tensor, a: AttnArgs) -> _Seqs:
@@ -126,7 +132,8 @@ def _seqs(q: Tensor, k: Tensor, a: AttnArgs) -> _Seqs:
         q.shape[0],
     )
     flags = {"VARLEN": True, "PAGED": table is not None, "HAS_SEQUSED": a.seqused_k is not None}
-    return _Seqs(args, flags, a.cu_seqlens_q.shape[0] - 1, int(a.max_seqlen_q), int(a.max_seqlen_k))
+    page_size = k.shape[1] if table is not None else 0
+    return _Seqs(args, flags, a.cu_seqlens_q.shape[0] - 1, int(a.max_seqlen_q), int(a.max_seqlen_k), page_size)
 
 
 def _strides(t: Tensor) -> tuple[int, int, int]:
@@ -202,7 +209,7 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> tuple[Tensor, Tensor]:
             HAS_DROPOUT=c["HAS_DROPOUT"],
             PLAIN=not (c["HAS_SOFTCAP"] or c["HAS_ALIBI"] or c["HAS_BIAS"]) and a.softmax_scale > 0,
             PRECISION=c["PRECISION"],
-            **seqs.flags,
+            **seqs.key_flags(cfg["BLOCK_N"]),
             **_launch_opts(cfg),
         )
 
@@ -374,7 +381,7 @@ def bwd(
             HAS_BIAS=c["HAS_BIAS"],
             HAS_DROPOUT=c["HAS_DROPOUT"],
             PRECISION=c["PRECISION"],
-            **seqs.flags,
+            **seqs.key_flags(cfg["BLOCK_N"]),
             **_launch_opts(cfg),
         )
 
@@ -438,7 +445,7 @@ def bwd(
             HAS_DBIAS=want_dbias,
             HAS_DROPOUT=c["HAS_DROPOUT"],
             PRECISION=c["PRECISION"],
-            **seqs.flags,
+            **seqs.key_flags(cfg["BLOCK_N"]),
             **_launch_opts(cfg),
         )
 

@@ -10,8 +10,10 @@ Three launches:
    the broadcast reduction, which the host does with a torch sum).
 Both main kernels recompute P from (q, k, lse), so the backward costs 7 tile matmuls per tile pair
 instead of FlashAttention-2's 5 with atomics; that is the price of bitwise reproducibility.
-Varlen runs the same kernels per sequence (VARLEN / PAGED constexprs, as the forward); a paged
-cache's dK/dV go to per-(sequence, slot) rows that the host sums onto the pages they came from.
+Varlen runs the same kernels per sequence (VARLEN / PAGED / PAGE_TILE_ALIGNED constexprs, as the
+forward: K/V pages looked up once per key tile when the page size is a multiple of BLOCK_N); a paged
+cache's dK/dV go to per-(sequence, slot) rows (contiguous, no page lookup) that the host sums onto the
+pages they came from.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from flexattn_ops.triton_common import (
     key_tile_bounds,
     mm,
     mma,
-    page_slots,
+    paged_kv_rows,
     query_tile_bounds,
     score_mods,
     seq_bounds,
@@ -246,6 +248,7 @@ def attn_bwd_dkdv_kernel(
     VARLEN: tl.constexpr,
     PAGED: tl.constexpr,
     HAS_SEQUSED: tl.constexpr,
+    PAGE_TILE_ALIGNED: tl.constexpr,
 ):
     """Grid (cdiv(sk, BLOCK_N), b * n_groups). Program (n, b, g) sums over query heads g*group .. g*group+group-1.
 
@@ -270,9 +273,10 @@ def attn_bwd_dkdv_kernel(
         Q_seq = Q + q_start.to(tl.int64) * stride_qs
         DO_seq = DO + q_start.to(tl.int64) * stride_dos
         if PAGED:
-            page, slot = page_slots(Table + b * stride_tb, offs_n, sk, page_size)
-            k_rows = page[:, None] * stride_kb + slot[:, None] * stride_ks
-            v_rows = page[:, None] * stride_vb + slot[:, None] * stride_vs
+            Table_row = Table + b * stride_tb
+            k_rows, v_rows = paged_kv_rows(
+                Table_row, n0, offs_n, sk, page_size, stride_kb, stride_ks, stride_vb, stride_vs, PAGE_TILE_ALIGNED
+            )
             dk_rows = b.to(tl.int64) * stride_dkb + cols * stride_dks
             dv_rows = b.to(tl.int64) * stride_dvb + cols * stride_dvs
         else:
@@ -510,6 +514,7 @@ def _dq_inner(
     BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr,
     PAGED: tl.constexpr,
+    PAGE_TILE_ALIGNED: tl.constexpr,
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -534,9 +539,9 @@ def _dq_inner(
             v_mask = v_mask & (offs_n[:, None] < sk)
         tile = tl.arange(0, BLOCK_N)[:, None]
         if PAGED:
-            page, slot = page_slots(Table_row, offs_n, sk, page_size)
-            k_rows = page[:, None] * stride_kb + slot[:, None] * stride_ks
-            v_rows = page[:, None] * stride_vb + slot[:, None] * stride_vs
+            k_rows, v_rows = paged_kv_rows(
+                Table_row, start_n, offs_n, sk, page_size, stride_kb, stride_ks, stride_vb, stride_vs, PAGE_TILE_ALIGNED
+            )
         else:
             k_rows = start_n.to(tl.int64) * stride_ks + tile * stride_ks
             v_rows = start_n.to(tl.int64) * stride_vs + tile * stride_vs
@@ -637,6 +642,7 @@ def attn_bwd_dq_kernel(
     VARLEN: tl.constexpr,
     PAGED: tl.constexpr,
     HAS_SEQUSED: tl.constexpr,
+    PAGE_TILE_ALIGNED: tl.constexpr,
 ):
     """Grid (cdiv(sq, BLOCK_M), b * hq). DQ (b, sq, hq, dqk); DBias (b, hq, sq, sk) float32 when HAS_DBIAS.
 
@@ -750,6 +756,7 @@ def attn_bwd_dq_kernel(
         BLOCK_DV,
         True,
         PAGED,
+        PAGE_TILE_ALIGNED,
         HAS_LEFT,
         HAS_RIGHT,
         HAS_SOFTCAP,
@@ -799,6 +806,7 @@ def attn_bwd_dq_kernel(
         BLOCK_DV,
         False,
         PAGED,
+        PAGE_TILE_ALIGNED,
         HAS_LEFT,
         HAS_RIGHT,
         HAS_SOFTCAP,
@@ -848,6 +856,7 @@ def attn_bwd_dq_kernel(
         BLOCK_DV,
         True,
         PAGED,
+        PAGE_TILE_ALIGNED,
         HAS_LEFT,
         HAS_RIGHT,
         HAS_SOFTCAP,

@@ -204,11 +204,39 @@ def query_tile_bounds(
 
 
 @triton.jit
-def page_slots(Table_row, offs_n, sk, page_size):
-    """Physical (page, slot-in-page) of key positions `offs_n` (BLOCK_N,) of one sequence whose pages are
-    listed in `Table_row` (any page size). Positions >= sk read page 0 (their loads are masked anyway)."""
-    page = tl.load(Table_row + offs_n // page_size, mask=offs_n < sk, other=0)
-    return page.to(tl.int64), offs_n % page_size
+def page_lookup(Table_row, n0, offs_n, mask_n, page_size, PAGE_TILE_ALIGNED: tl.constexpr):
+    """Physical (page, slot in page) of the key positions `offs_n` = n0 + arange(BLOCK_N) of one sequence
+    whose pages are listed in `Table_row` (the sequence's i-th page is Table_row[i]).
+
+    PAGE_TILE_ALIGNED (set by the host when page_size % BLOCK_N == 0; n0 is a multiple of BLOCK_N): the
+    tile lies inside one page, so one scalar table load per tile and contiguous slots (`page` a scalar).
+    Otherwise (any page size: 1, 3, 48 ...) a table load per key (`page` (BLOCK_N,)); keys outside
+    `mask_n` read page 0 (their K/V loads are masked anyway)."""
+    if PAGE_TILE_ALIGNED:
+        first = n0 // page_size
+        page = tl.load(Table_row + first).to(tl.int64)
+        return page, offs_n - first * page_size
+    else:
+        page = tl.load(Table_row + offs_n // page_size, mask=mask_n, other=0).to(tl.int64)
+        return page, offs_n % page_size
+
+
+@triton.jit
+def page_offsets(page, slot, stride_pb, stride_ps):
+    """int64 offsets of the (page, slot) rows of page_lookup in a cache with page / slot strides."""
+    return page * stride_pb + slot.to(tl.int64) * stride_ps
+
+
+@triton.jit
+def paged_kv_rows(
+    Table_row, n0, offs_n, sk, page_size, stride_kb, stride_ks, stride_vb, stride_vs, PAGE_TILE_ALIGNED: tl.constexpr
+):
+    """(BLOCK_N, 1) int64 row offsets in the paged K and V caches of key positions `offs_n` (from n0) of
+    one sequence with `sk` keys: one page lookup (page_lookup) serves both."""
+    page, slot = page_lookup(Table_row, n0, offs_n, offs_n < sk, page_size, PAGE_TILE_ALIGNED)
+    k_rows = page_offsets(page, slot, stride_kb, stride_ks)
+    v_rows = page_offsets(page, slot, stride_vb, stride_vs)
+    return k_rows[:, None], v_rows[:, None]
 
 
 @triton.jit

@@ -35,7 +35,17 @@ from torch import Tensor
 
 from flexattn_ops import triton_tuning as tuning
 from flexattn_ops.params import AttnArgs, KVCacheArgs
-from flexattn_ops.triton_common import LN2, LOG2E, dim_mask, keep_mask, mm, score_mods, to_operand
+from flexattn_ops.triton_common import (
+    LN2,
+    LOG2E,
+    dim_mask,
+    keep_mask,
+    mm,
+    page_lookup,
+    page_offsets,
+    score_mods,
+    to_operand,
+)
 
 MAX_HEADDIM = 256
 MAX_SPLITS = 128  # partials are (splits, b, sq, hq, dv) float32; 128 splits of 1 row x 32 heads x 128 = 2 MB
@@ -73,16 +83,13 @@ def _slot_offsets(
 ):
     """int64 offsets (BLOCK_N,) of cache slots ``offs_n`` of one sequence (head offset not included).
 
-    Contiguous: row ``cache_row``. Paged: page ``block_table[slot // page_size]``; with PAGE_TILES (the
-    page size a multiple of BLOCK_N, tiles BLOCK_N-aligned) the whole tile lies in one page: one lookup.
+    Contiguous: row ``cache_row``. Paged: page ``block_table[slot // page_size]`` (triton_common.page_lookup);
+    with PAGE_TILES (the page size a multiple of BLOCK_N, tiles BLOCK_N-aligned) the whole tile lies in one
+    page: one lookup.
     """
     if PAGED:
-        if PAGE_TILES:
-            page = tl.load(Bt_row + n0 // page_size).to(tl.int64)
-            return page * stride_cb + (offs_n - (n0 // page_size) * page_size).to(tl.int64) * stride_cs
-        else:
-            pages = tl.load(Bt_row + offs_n // page_size, mask=mask_n, other=0).to(tl.int64)
-            return pages * stride_cb + (offs_n % page_size).to(tl.int64) * stride_cs
+        page, slot = page_lookup(Bt_row, n0, offs_n, mask_n, page_size, PAGE_TILES)
+        return page_offsets(page, slot, stride_cb, stride_cs)
     else:
         return cache_row.to(tl.int64) * stride_cb + offs_n.to(tl.int64) * stride_cs
 
@@ -821,7 +828,7 @@ def fwd_kvcache(
     bt = c.block_table if c.block_table is not None else dummy
     alibi = c.alibi_slopes
     sinks = c.sinks.contiguous() if c.sinks is not None else None  # the kernels index sinks[head]
-    page_tiles = paged and page_size % block_n == 0
+    page_tiles = tuning.page_tile_aligned(page_size if paged else 0, block_n)
     grid = (m_tiles * splits, b * n_groups)
     opts = {} if tuning.interpreting() else {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     osp = out_p.stride(0) if splits > 1 else 0

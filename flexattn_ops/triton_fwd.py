@@ -7,7 +7,8 @@ Head dims are padded to powers of two (BLOCK_DQK, BLOCK_DV) with load masks, so 
 8 to 256 runs. Varlen (VARLEN / PAGED constexprs, False for dense inputs, where that code compiles
 away) changes only where a program's rows and keys start and how many there are: each program reads
 its sequence's bounds from cu_seqlens on the device, and paged keys map position j to slot
-j % page_size of page block_table[seq, j // page_size].
+j % page_size of page block_table[seq, j // page_size]: one table load per key tile when the page
+size is a multiple of BLOCK_N (PAGE_TILE_ALIGNED, then a tile lies in one page), one per key otherwise.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from flexattn_ops.triton_common import (
     key_tile_bounds,
     mm,
     mma,
-    page_slots,
+    paged_kv_rows,
     score_mods,
     seq_bounds,
     to_operand,
@@ -71,6 +72,7 @@ def _fwd_inner(
     BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr,
     PAGED: tl.constexpr,
+    PAGE_TILE_ALIGNED: tl.constexpr,
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -95,8 +97,9 @@ def _fwd_inner(
         # 64-bit scalar tile base, 32-bit offsets inside the tile (fewer registers than 64-bit per element)
         tile = tl.arange(0, BLOCK_N)[:, None]
         if PAGED:
-            page, slot = page_slots(Table_row, offs_n, sk, page_size)
-            k_rows = page[:, None] * stride_kb + slot[:, None] * stride_ks
+            k_rows, v_rows = paged_kv_rows(
+                Table_row, start_n, offs_n, sk, page_size, stride_kb, stride_ks, stride_vb, stride_vs, PAGE_TILE_ALIGNED
+            )
         else:
             k_rows = start_n.to(tl.int64) * stride_ks + tile * stride_ks
         k = tl.load(K_head + k_rows + offs_dk[None, :], mask=k_mask, other=0.0)
@@ -130,9 +133,7 @@ def _fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             p = tl.where(dropout_keep(drop_key, bh, i, j, drop_threshold), p, 0.0)
-        if PAGED:
-            v_rows = page[:, None] * stride_vb + slot[:, None] * stride_vs
-        else:
+        if not PAGED:  # (paged: v_rows came with k_rows from the one page lookup)
             v_rows = start_n.to(tl.int64) * stride_vs + tile * stride_vs
         v = tl.load(V_head + v_rows + offs_dv[None, :], mask=v_mask, other=0.0)
         acc = mma(to_operand(p, v, PRECISION), v, acc * alpha[:, None], PRECISION)
@@ -204,13 +205,15 @@ def attn_fwd_kernel(
     VARLEN: tl.constexpr,
     PAGED: tl.constexpr,
     HAS_SEQUSED: tl.constexpr,
+    PAGE_TILE_ALIGNED: tl.constexpr,
 ):
     """Dense: grid (cdiv(sq, BLOCK_M), b * hq); Out (b, sq, hq, dv) strided; Lse (b, hq, sq) contiguous float32.
 
     VARLEN: grid (cdiv(max_seqlen_q, BLOCK_M), (batch + 1) * hq); Q (total_q, hq, dqk), Out (total_q, hq, dv)
     (stride_qb = stride_ob = 0), Lse (hq, total_q); sequence b is rows CuQ[b]:CuQ[b + 1] of q and attends
     to its sk = SeqUsed[b] (or CuK[b + 1] - CuK[b]) keys: packed rows from CuK[b] of K/V (total_k, h, d),
-    or with PAGED the pages Table[b, :] of K/V (num_pages, page_size, h, d). Programs of the extra
+    or with PAGED the pages Table[b, :] of K/V (num_pages, page_size, h, d), looked up once per key tile
+    with PAGE_TILE_ALIGNED (page_size % BLOCK_N == 0), else once per key. Programs of the extra
     sequence b = batch write out 0, lse -inf for the rows past CuQ[batch]; sq, sk are unused.
     """
     # Heaviest causal row blocks (the last ones) go first: better tail balance across the 132 SMs.
@@ -303,6 +306,7 @@ def attn_fwd_kernel(
         BLOCK_DV,
         True,
         PAGED,
+        PAGE_TILE_ALIGNED,
         HAS_LEFT,
         HAS_RIGHT,
         HAS_SOFTCAP,
@@ -349,6 +353,7 @@ def attn_fwd_kernel(
         BLOCK_DV,
         False,
         PAGED,
+        PAGE_TILE_ALIGNED,
         HAS_LEFT,
         HAS_RIGHT,
         HAS_SOFTCAP,
@@ -395,6 +400,7 @@ def attn_fwd_kernel(
         BLOCK_DV,
         True,
         PAGED,
+        PAGE_TILE_ALIGNED,
         HAS_LEFT,
         HAS_RIGHT,
         HAS_SOFTCAP,

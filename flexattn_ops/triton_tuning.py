@@ -56,6 +56,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored for 16-bit inputs
 
 
+def page_tile_aligned(page_size: int, block_n: int) -> bool:
+    """Whether every BLOCK_N-key tile (tiles start at multiples of BLOCK_N) lies inside one page of a paged
+    cache (page_size 0: not paged). Then the kernels look block_table up once per tile, with contiguous
+    slots inside the page (triton_common.page_lookup), instead of once per key (any other page size)."""
+    return page_size > 0 and page_size % block_n == 0
+
+
 @functools.cache
 def _device_name(device: torch.device) -> str:
     # cached: get_device_name queries the driver (microseconds on every call otherwise)
