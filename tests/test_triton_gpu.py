@@ -216,8 +216,10 @@ def test_varlen_packed_everything_padding() -> None:
     check_varlen_gpu(F16, (4, 2, 1), (72, 40), kwargs, pad=77)
 
 
-@pytest.mark.parametrize("page", [1, 16, 256])
+@pytest.mark.parametrize("page", [1, 16, 64, 256])
 def test_varlen_paged(page: int) -> None:
+    """Pages of 1 and 16 take the per-key page lookup; 64 and 256 the per-tile one in every kernel whose
+    BLOCK_N divides them (hd128 tiles have BLOCK_N 64 or 128)."""
     check_varlen_gpu(BF16, (8, 2, 2), (128, 128), {"causal": True}, page=page, seed=page)
 
 

@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 import tests.test_varlen as tv  # noqa: E402
 from flexattn_ops import dispatch  # noqa: E402
+from flexattn_ops import triton_tuning as tuning  # noqa: E402
 from flexattn_ops.params import AttnArgs  # noqa: E402
 from tests.test_varlen import LENS_K, LENS_Q, check_fwd_bwd, cu, paged, rand, score_kwargs  # noqa: E402
 
@@ -88,6 +89,22 @@ def test_paged(page: int, feature: str) -> None:
     """Paged K/V through block_table with pages of 1, 3 and 16 slots; gradients summed onto the cache."""
     g = torch.Generator().manual_seed(page)
     _paged_check(g, F32, LENS_Q, LENS_K, page, (4, 2, 1), (16, 12), score_kwargs(feature, 4, len(LENS_Q), g))
+
+
+# Longer sequences for the page-lookup paths: several pages per sequence and several 16-key tiles per page.
+LONG_Q, LONG_K = [9, 0, 40, 1, 33], [40, 3, 70, 1, 33]
+
+
+@pytest.mark.parametrize("page,dtype,aligned", [(32, F32, True), (48, BF16, True), (1, F32, False), (24, F32, False)])
+def test_paged_lookup_per_tile_and_per_key(page: int, dtype: torch.dtype, aligned: bool) -> None:
+    """Both page-lookup paths against the oracle, forward and backward (every kernel that reads K/V).
+    Page sizes that are multiples of the interpreter's BLOCK_N (32, 48) look block_table up once per
+    key tile (PAGE_TILE_ALIGNED); 1 and 24 (tiles straddle pages) once per key. The table is a shuffled
+    draw from a pool with spare pages, and the window (20, 5) makes key tiles start mid-page (keys 16, 32,
+    48 ...), so a tile that read the wrong page or the wrong slot inside it would fail."""
+    assert tuning.page_tile_aligned(page, tuning.INTERPRET_CONFIG["BLOCK_N"]) is aligned
+    g = torch.Generator().manual_seed(30 + page)
+    _paged_check(g, dtype, LONG_Q, LONG_K, page, (2, 1, 1), (16, 8), {"window_size": (20, 5)})
 
 
 def test_paged_bf16_seqused_k() -> None:
