@@ -656,20 +656,22 @@ def test_gpu_backward_through_cuda_forward(case):
 @gpu
 @pytest.mark.usefixtures("on_cuda")
 @pytest.mark.parametrize(
-    "dtype,heads,dims,kwargs,used",
+    "dtype,heads,dims,kwargs,used,pad",
     [
-        (BF16, (8, 2, 2), (128, 128), {"causal": True}, None),
-        (F16, (4, 2, 1), (192, 128), {"window_size": (100, 20), "softcap": 20.0}, None),
-        (BF16, (4, 4, 4), (64, 64), {}, [1, 3, 250, 200, 999, 0, 600]),
-        (F16, (4, 1, 1), (96, 96), {"causal": True}, [1, 5, 17, 200, 1000, 64, 1]),
+        (BF16, (8, 2, 2), (128, 128), {"causal": True}, None, 0),
+        (F16, (4, 2, 1), (192, 128), {"window_size": (100, 20), "softcap": 20.0}, None, 0),
+        (BF16, (4, 4, 4), (64, 64), {}, [1, 3, 250, 200, 999, 0, 600], 0),
+        (F16, (4, 1, 1), (96, 96), {"causal": True}, [1, 5, 17, 200, 1000, 64, 1], 0),
+        (BF16, (4, 2, 2), (128, 128), {"causal": True}, None, 77),
     ],
-    ids=["gqa-causal-hd128", "hk!=hv-192x128-window-softcap", "seqused-hd64", "mqa-causal-seqused-hd96"],
+    ids=["gqa-causal-hd128", "hk!=hv-192x128-window-softcap", "seqused-hd64", "mqa-causal-seqused-hd96", "padding"],
 )
-def test_gpu_varlen(dtype, heads, dims, kwargs, used):
-    """Packed varlen (mixed lengths incl. 0 and 1) forward and backward against the per-sequence oracle."""
+def test_gpu_varlen(dtype, heads, dims, kwargs, used, pad):
+    """Packed varlen (mixed lengths incl. 0 and 1) forward and backward against the per-sequence oracle;
+    query tokens past cu_seqlens_q[-1] (`pad`) get out 0, lse -inf, as on every backend."""
     from tests.test_triton_gpu import check_varlen_gpu
 
-    check_varlen_gpu(dtype, heads, dims, kwargs, used=used)
+    check_varlen_gpu(dtype, heads, dims, kwargs, used=used, pad=pad)
 
 
 @gpu
