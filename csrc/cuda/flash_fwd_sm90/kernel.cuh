@@ -1,0 +1,263 @@
+// The SM90 attention forward kernel: TMA loads by a producer warpgroup, wgmma by two consumer
+// warpgroups (64 query rows each), online softmax in registers, P fed to the second GEMM from
+// registers. One CTA per (query block, head, batch).
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_conversion.h>
+
+#include "common/mask.cuh"
+#include "common/seqlen.cuh"
+#include "common/softmax.cuh"
+#include "common/tile_scheduler.cuh"
+#include "flash_fwd_sm90/kernel_traits.cuh"
+#include "flash_fwd_sm90/params.h"
+#include "flash_fwd_sm90/wgmma.cuh"
+
+namespace flexattn::sm90 {
+
+using namespace cute;
+
+template <class Traits>
+struct KernelParams {
+  FwdParams p;
+  typename Traits::TmaQ tma_q;
+  typename Traits::TmaK tma_k;
+  typename Traits::TmaV tma_v;
+};
+
+// Stores this thread's rows of O (normalised, in registers) and their LSE, skipping rows past the
+// sequence and columns past dv.
+template <class Traits, class AccO>
+__device__ void store_output(FwdParams const& p, AccO& acc_o, float const (&lse)[2], SeqInfo const& seq,
+                             TileCoord const& tile, int mma_tidx) {
+  using Element = typename Traits::Element;
+  typename Traits::TiledMmaPV tiled_mma_pv;
+  auto thr_pv = tiled_mma_pv.get_thread_slice(mma_tidx);
+  Tensor coords = thr_pv.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileShapePV{})));
+  Tensor coords_rc = make_tensor(coords.data(), rowcol(coords.layout()));
+  Tensor out_rc = make_tensor(acc_o.data(), rowcol(acc_o.layout()));
+  Element* out_base = static_cast<Element*>(p.out) + seq.batch_coord * p.o_batch_stride + tile.head * p.o_head_stride;
+  cutlass::NumericArrayConverter<Element, float, 2> convert;
+  CUTLASS_PRAGMA_UNROLL
+  for (int r = 0; r < size<0>(out_rc); ++r) {
+    int const row = tile.m_block * Traits::kBlockM + get<0>(coords_rc(r, 0));
+    if (row >= seq.seqlen_q) continue;
+    Element* out_row = out_base + int64_t(seq.row0_q + row) * p.o_row_stride;
+    // Columns come in pairs (2 consecutive accumulator values): one 4-byte store each.
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < size<1>(out_rc); c += 2) {
+      int const col = get<1>(coords_rc(r, c));
+      if (col < p.dv) {
+        cutlass::Array<float, 2> pair{out_rc(r, c), out_rc(r, c + 1)};
+        *reinterpret_cast<cutlass::Array<Element, 2>*>(out_row + col) = convert(pair);
+      }
+    }
+    if (get<1>(coords_rc(r, 0)) == 0) {  // one thread of the quad writes the row's LSE
+      p.lse[seq.batch_coord * p.lse_batch_stride + tile.head * p.lse_head_stride + seq.row0_q + row] = lse[r];
+    }
+  }
+}
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_CONSTANT KernelParams<Traits> const kp) {
+  using Element = typename Traits::Element;
+  using Pipeline = typename Traits::Pipeline;
+  using PipelineState = typename Traits::PipelineState;
+  using SharedStorage = typename Traits::SharedStorage;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  FwdParams const& p = kp.p;
+  TileScheduler const scheduler{(p.seqlen_q + kBlockM - 1) / kBlockM, p.heads_q, p.batch,
+                                /*longest_first=*/p.window_right >= 0 || p.window_left >= 0};
+
+  extern __shared__ char smem_raw[];
+  SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw);
+  int const warp_group = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);
+
+  typename Pipeline::Params pipe_params;
+  pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pipe_params.is_leader = threadIdx.x == 0;
+  pipe_params.num_consumers = Traits::kNumMmaThreads;
+  pipe_params.transaction_bytes = Traits::kTmaBytesK;
+  Pipeline pipeline_k(smem.pipeline_k, pipe_params, Shape<_1, _1, _1>{});
+  pipe_params.transaction_bytes = Traits::kTmaBytesV;
+  Pipeline pipeline_v(smem.pipeline_v, pipe_params, Shape<_1, _1, _1>{});
+  if (threadIdx.x == 0) {
+    smem.barrier_q_full.init(1);
+    smem.barrier_q_empty.init(Traits::kNumMmaThreads);
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutV{});
+  Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutVt{});
+
+  // The CTA loops over tiles (a persistent grid of one CTA per SM): the producer loads the next
+  // tile's Q, K and V while the consumers still finish the current one. Both sides walk the same
+  // tiles and skip the same empty ones, so their pipeline states and Q phases stay in step.
+  if (warp_group == 0) {
+    // Producer: one thread issues every TMA load; the rest of the warpgroup just gives its
+    // registers to the consumers.
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
+    if (threadIdx.x != 0) return;
+    int const batch_extent = p.cu_seqlens_q != nullptr ? 1 : p.batch;
+    Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(p.rows_q, p.dqk, p.heads_q, batch_extent));
+    Tensor mK = kp.tma_k.get_tma_tensor(make_shape(p.rows_k, p.dqk, p.heads_k, batch_extent));
+    Tensor mV = kp.tma_v.get_tma_tensor(make_shape(p.rows_k, p.dv, p.heads_v, batch_extent));
+    PipelineState write = cutlass::make_producer_start_state<Pipeline>();
+    int q_phase = 0;
+    for (int index = blockIdx.x; index < scheduler.num_tiles(); index += gridDim.x) {
+      TileCoord const tile = scheduler.tile(index);
+      SeqInfo const seq(p, tile.batch);
+      if (tile.m_block * kBlockM >= seq.seqlen_q) continue;  // varlen: past this sequence's end
+      auto const [n_min, n_max] =
+          Mask<kBlockM, kBlockN>{seq.seqlen_q, seq.seqlen_k, p.window_left, p.window_right}.n_block_range(tile.m_block);
+      if (n_min >= n_max) continue;
+      int const head_k = tile.head / (p.heads_q / p.heads_k);
+      int const head_v = tile.head / (p.heads_q / p.heads_v);
+      Tensor gQ = local_tile(domain_offset(make_coord(seq.row0_q, _0{}), mQ(_, _, tile.head, seq.batch_coord)),
+                             Shape<Int<kBlockM>, Int<Traits::kDQK>>{}, make_coord(tile.m_block, _0{}));
+      Tensor gK = local_tile(domain_offset(make_coord(seq.row0_k, _0{}), mK(_, _, head_k, seq.batch_coord)),
+                             Shape<Int<kBlockN>, Int<Traits::kDQK>>{}, make_coord(_, _0{}));  // (N, D, n)
+      Tensor gV = local_tile(domain_offset(make_coord(seq.row0_k, _0{}), mV(_, _, head_v, seq.batch_coord)),
+                             Shape<Int<kBlockN>, Int<Traits::kDV>>{}, make_coord(_, _0{}));
+      auto [tQgQ, tQsQ] = tma_partition(kp.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+      auto [tKgK, tKsK] = tma_partition(kp.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      auto [tVgV, tVsV] = tma_partition(kp.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+
+      // K first: its first tile is needed before Q's last use by the previous tile has finished.
+      pipeline_k.producer_acquire(write);
+      copy(kp.tma_k.with(*pipeline_k.producer_get_barrier(write), 0), tKgK(_, n_max - 1), tKsK(_, write.index()));
+      smem.barrier_q_empty.wait(q_phase ^ 1);  // the consumers are done with the previous Q
+      smem.barrier_q_full.arrive_and_expect_tx(Traits::kTmaBytesQ);
+      copy(kp.tma_q.with(reinterpret_cast<cutlass::arch::ClusterTransactionBarrier::ValueType&>(smem.barrier_q_full), 0),
+           tQgQ, tQsQ);
+      q_phase ^= 1;
+      for (int n_block = n_max - 1; n_block >= n_min; --n_block) {
+        if (n_block != n_max - 1) {
+          pipeline_k.producer_acquire(write);
+          copy(kp.tma_k.with(*pipeline_k.producer_get_barrier(write), 0), tKgK(_, n_block), tKsK(_, write.index()));
+        }
+        pipeline_v.producer_acquire(write);
+        copy(kp.tma_v.with(*pipeline_v.producer_get_barrier(write), 0), tVgV(_, n_block), tVsV(_, write.index()));
+        ++write;
+      }
+    }
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
+    int const mma_tidx = threadIdx.x - 128;
+    typename Traits::TiledMmaQK tiled_mma_qk;
+    typename Traits::TiledMmaPV tiled_mma_pv;
+    auto thr_qk = tiled_mma_qk.get_thread_slice(mma_tidx);
+    auto thr_pv = tiled_mma_pv.get_thread_slice(mma_tidx);
+    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
+    Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
+    Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
+    Tensor coords_s = thr_qk.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileShapeQK{})));
+    Tensor coords_s_rc = make_tensor(coords_s.data(), rowcol(coords_s.layout()));
+    bool const has_softcap = p.softcap > 0.f;  // s = c * tanh(s * scale / c): natural units after
+    float const pre_tanh = has_softcap ? p.softmax_scale / p.softcap : 0.f;
+    float const scale_log2 = float(M_LOG2E) * (has_softcap ? 1.f : p.softmax_scale);
+
+    // Ping-pong between the consumer warpgroups (FlashAttention-3): a warpgroup issues its two
+    // GEMMs only after the previous one has issued its own, so one's softmax runs under the
+    // other's GEMMs. Named barrier i belongs to consumer warpgroup i, which waits on it while the
+    // previous one arrives (2 x 128 threads); the last warpgroup hands the first turn to 0.
+    constexpr int kConsumers = Traits::kNumMmaWarpGroups;
+    int const consumer = warp_group - 1;
+    auto wait_turn = [&] { cutlass::arch::NamedBarrier::sync(2 * 128, consumer); };
+    auto pass_turn = [&] { cutlass::arch::NamedBarrier::arrive(2 * 128, (consumer + 1) % kConsumers); };
+    if (consumer == kConsumers - 1) pass_turn();
+
+    PipelineState read_k, read_v;
+    int q_phase = 0;
+    for (int index = blockIdx.x; index < scheduler.num_tiles(); index += gridDim.x) {
+      TileCoord const tile = scheduler.tile(index);
+      SeqInfo const seq(p, tile.batch);
+      if (tile.m_block * kBlockM >= seq.seqlen_q) continue;
+      Mask<kBlockM, kBlockN> const mask{seq.seqlen_q, seq.seqlen_k, p.window_left, p.window_right};
+      auto const [n_min, n_max] = mask.n_block_range(tile.m_block);
+      Tensor acc_o = partition_fragment_C(tiled_mma_pv, select<0, 1>(typename Traits::TileShapePV{}));
+      clear(acc_o);
+      Tensor acc_o_rc = make_tensor(acc_o.data(), rowcol(acc_o.layout()));
+      OnlineSoftmax<2> softmax(scale_log2);
+      auto scores_to_probs = [&](auto& acc_s, int n_block) {
+        Tensor scores = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
+        if (has_softcap) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int i = 0; i < size(scores); ++i) scores(i) = p.softcap * tanhf(scores(i) * pre_tanh);
+        }
+        if (mask.needs_mask(tile.m_block, n_block)) mask.apply(scores, coords_s_rc, tile.m_block, n_block);
+        softmax.update(scores);
+      };
+
+      if (n_min < n_max) {
+        smem.barrier_q_full.wait(q_phase);
+        q_phase ^= 1;
+        auto acc_s = partition_fragment_C(tiled_mma_qk, select<0, 1>(typename Traits::TileShapeQK{}));
+        pipeline_k.consumer_wait(read_k);
+        wait_turn();
+        wgmma_gemm<true, false, 0>(tiled_mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), acc_s);
+        pass_turn();
+        pipeline_k.consumer_release(read_k);
+        ++read_k;
+        scores_to_probs(acc_s, n_max - 1);
+        Tensor probs = convert_fragment<Element>(acc_s);
+        Tensor probs_a = make_tensor(probs.data(), acc_as_a_operand(probs.layout()));
+
+        // Each iteration issues S = Q K^T for block n_block and O += P V for the block before it,
+        // then computes the softmax of S while the second GEMM runs (intra-warpgroup overlap).
+        for (int n_block = n_max - 2; n_block >= n_min; --n_block) {
+          pipeline_k.consumer_wait(read_k);
+          wait_turn();
+          wgmma_gemm<true, false, -1>(tiled_mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), acc_s);
+          softmax.rescale_o(acc_o_rc);
+          pipeline_v.consumer_wait(read_v);
+          wgmma_gemm<false, true, -1>(tiled_mma_pv, probs_a, tOrV(_, _, _, read_v.index()), acc_o);
+          pass_turn();
+          warpgroup_wait<1>();  // S is ready; P V still runs
+          pipeline_k.consumer_release(read_k);
+          ++read_k;
+          scores_to_probs(acc_s, n_block);
+          warpgroup_wait<0>();
+          pipeline_v.consumer_release(read_v);
+          ++read_v;
+          probs = convert_fragment<Element>(acc_s);
+        }
+        smem.barrier_q_empty.arrive();  // the last S = Q K^T of this tile has completed
+        softmax.rescale_o(acc_o_rc);
+        pipeline_v.consumer_wait(read_v);
+        wgmma_gemm<false, true, 0>(tiled_mma_pv, probs_a, tOrV(_, _, _, read_v.index()), acc_o);
+        pipeline_v.consumer_release(read_v);
+        ++read_v;
+      }
+      float lse[2];
+      softmax.finalize(acc_o_rc, lse);
+      store_output<Traits>(p, acc_o, lse, seq, tile, mma_tidx);
+    }
+  }
+}
+
+// Varlen query rows past cu_seqlens_q[batch] belong to no sequence: out 0, lse -inf, as on every
+// backend. A grid-stride loop over rows (4 per 128-thread block, a warp each); rows before the
+// end exit at once, so a batch with no padding pays one small launch.
+template <class Element>
+__global__ void fill_padding_rows(FwdParams const p) {
+  int const end = p.cu_seqlens_q[p.batch];
+  int const lane = threadIdx.x % 32;
+  for (int row = blockIdx.x * 4 + threadIdx.x / 32; row < p.rows_q; row += gridDim.x * 4) {
+    if (row < end) continue;
+    for (int h = 0; h < p.heads_q; ++h) {
+      Element* out_row = static_cast<Element*>(p.out) + int64_t(row) * p.o_row_stride + h * p.o_head_stride;
+      for (int c = lane; c < p.dv; c += 32) out_row[c] = Element(0.f);
+      if (lane == 0) p.lse[h * p.lse_head_stride + row] = -INFINITY;
+    }
+  }
+}
+
+}  // namespace flexattn::sm90

@@ -1,0 +1,99 @@
+// Compile-time shape of the SM90 forward kernel for one (dtype, dqk, dv): tiles, shared-memory
+// layouts, the two tiled wgmmas and the TMA copy types.
+//
+// One CTA = 3 warpgroups: warpgroup 0 issues TMA loads (producer), warpgroups 1-2 each own 64 of
+// the 128 query rows (consumers). Shared memory holds Q once and kStages tiles of K and V.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+#include <cutlass/gemm/collective/builders/sm90_common.inl>
+#include <cutlass/pipeline/pipeline.hpp>
+
+namespace flexattn::sm90 {
+
+using namespace cute;
+
+// Tile shape per (dqk, dv) and whether the mask is local (causal or windowed).
+// - kBlockN: the largest key tile for which Q + 2 stages of K and V fit in the 227 KB of shared
+//   memory and the O accumulator (dv/2 fp32 registers per thread), the scores (kBlockN/2) and P
+//   (kBlockN/4) fit in 240 registers. 192/192 with 112: 48 + 2 x 42 + 2 x 42 = 216 KB; 256/256
+//   with 80: 64 + 2 x 40 + 2 x 40 = 224 KB; dv 256 keeps 80 for the registers.
+// - hd128 without a local mask takes 176-key tiles (fewer softmax passes per key: 0.93x -> 1.03x
+//   cuDNN at 16k on an H200); local masks keep 128 so fewer keys are wasted on the diagonal.
+// - hd64 (dqk = dv = 64) does 2 x 128 FLOPs per exp2, so the exp2 units bind as much as the tensor
+//   cores: a third consumer warpgroup (192 query rows) gives the ping-pong more softmax to hide.
+template <int kDQK, int kDV, bool kLocal>
+struct TileConfig {
+  static constexpr bool kSmallDims = kDQK <= 128 && kDV <= 128;
+  static constexpr int kBlockM = (kDQK <= 64 && kDV <= 64) ? 192 : 128;
+  static constexpr int kBlockN = (kDQK == 128 && kDV == 128 && !kLocal) ? 176 : (kSmallDims ? 128 : (kDV <= 192 ? 112 : 80));
+  static constexpr int kStages = 2;
+};
+
+// Whether causal/windowed calls need their own instantiation.
+template <int kDQK, int kDV>
+constexpr bool kLocalHasOwnTiles = TileConfig<kDQK, kDV, true>::kBlockN != TileConfig<kDQK, kDV, false>::kBlockN ||
+                                   TileConfig<kDQK, kDV, true>::kBlockM != TileConfig<kDQK, kDV, false>::kBlockM;
+
+template <class Element_, int kDQK_, int kDV_, bool kLocal_>
+struct FwdTraits {
+  using Element = Element_;
+  static constexpr int kDQK = kDQK_;
+  static constexpr int kDV = kDV_;
+  using Config = TileConfig<kDQK, kDV, kLocal_>;
+  static constexpr int kBlockM = Config::kBlockM;
+  static constexpr int kBlockN = Config::kBlockN;
+  static constexpr int kStages = Config::kStages;
+  static constexpr int kNumMmaWarpGroups = kBlockM / 64;
+  static constexpr int kNumMmaThreads = 128 * kNumMmaWarpGroups;
+  static constexpr int kNumThreads = kNumMmaThreads + 128;
+  // setmaxnreg budgets (65536 registers per SM): 24 x 128 + 240 x 256 = 64512 for two consumer
+  // warpgroups; 32 x 128 + 160 x 384 = 65536 for three.
+  static constexpr int kProducerRegs = kNumMmaWarpGroups == 2 ? 24 : 32;
+  static constexpr int kConsumerRegs = kNumMmaWarpGroups == 2 ? 240 : 160;
+
+  using TileShapeQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kDQK>>;
+  using TileShapePV = Shape<Int<kBlockM>, Int<kDV>, Int<kBlockN>>;
+  using AtomLayout = Layout<Shape<Int<kNumMmaWarpGroups>, _1, _1>>;
+  using TiledMmaQK = decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, TileShapeQK>(), AtomLayout{}));
+  using TiledMmaPV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, TileShapePV, GMMA::Major::K, GMMA::Major::MN>(), AtomLayout{}));
+
+  template <int kRows, int kCols>
+  using SmemAtom = decltype(cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kRows>, Int<kCols>>());
+  using SmemLayoutQ = decltype(tile_to_shape(SmemAtom<kBlockM, kDQK>{}, Shape<Int<kBlockM>, Int<kDQK>>{}));
+  using SmemLayoutK = decltype(tile_to_shape(SmemAtom<kBlockN, kDQK>{}, Shape<Int<kBlockN>, Int<kDQK>, Int<kStages>>{}));
+  using SmemLayoutV = decltype(tile_to_shape(SmemAtom<kBlockN, kDV>{}, Shape<Int<kBlockN>, Int<kDV>, Int<kStages>>{}));
+  // V^T as the MN-major B operand of P @ V: the same bytes, (dv, n, stage) coordinates.
+  using SmemLayoutVt = decltype(composition(
+      SmemLayoutV{}, make_ordered_layout(Shape<Int<kDV>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+  using PipelineState = cutlass::PipelineState<kStages>;
+
+  struct SharedStorage {
+    array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
+    array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
+    array_aligned<Element, cosize_v<SmemLayoutV>, 1024> v;
+    cutlass::arch::ClusterTransactionBarrier barrier_q_full;  // Q landed (TMA transaction count)
+    cutlass::arch::ClusterBarrier barrier_q_empty;            // every consumer thread is done with Q
+    typename Pipeline::SharedStorage pipeline_k;
+    typename Pipeline::SharedStorage pipeline_v;
+  };
+
+  // Global tensors as TMA sees them: (rows, dim, heads, batch), dim contiguous.
+  using GmemShape = Shape<int32_t, int32_t, int32_t, int32_t>;
+  using GmemStride = Stride<int64_t, _1, int64_t, int64_t>;
+  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemShape{}, GmemStride{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{}, Shape<Int<kBlockM>, Int<kDQK>>{}, _1{}));
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutK{}),
+                                      Shape<Int<kBlockN>, Int<kDQK>>{}, _1{}));
+  using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutV{}),
+                                      Shape<Int<kBlockN>, Int<kDV>>{}, _1{}));
+  static constexpr uint32_t kTmaBytesQ = size(SmemLayoutQ{}) * sizeof(Element);
+  static constexpr uint32_t kTmaBytesK = size(take<0, 2>(SmemLayoutK{})) * sizeof(Element);
+  static constexpr uint32_t kTmaBytesV = size(take<0, 2>(SmemLayoutV{})) * sizeof(Element);
+};
+
+}  // namespace flexattn::sm90
