@@ -7,10 +7,12 @@ Times: `triton.testing.do_bench` medians (CUDA events) after warm-up, random inp
 
 Peers: PyTorch SDPA with the flash backend (FlashAttention-2), the cuDNN backend, and compiled
 FlexAttention (one compile per shape and grad mode, as in peers.py). Ours: `torch.ops.flexattn.fwd`
-(and its autograd) with FLEXATTN_BACKEND=triton.
+(and its autograd) with FLEXATTN_BACKEND=triton (impl "triton") or =cuda (impl "cuda": the SM90
+forward; its backward is Triton's).
 
 Usage: python benchmarks/bench_attention.py [--part core|pairs|all] [--seqs 512,2048,8192,16384]
-Prints a TFLOP/s table with ratios to the peers; writes $OUT/bench_<part>.csv.
+    [--impls cuda,triton,sdpa_flash,sdpa_cudnn,flex] [--modes fwd,fwd_bwd]
+Prints a TFLOP/s table with ratios of ours to the peers; writes $OUT/bench_<part>.csv.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-os.environ["FLEXATTN_BACKEND"] = "triton"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import flexattn_ops  # noqa: E402,F401  (registers torch.ops.flexattn)
@@ -51,10 +52,15 @@ def bench_ms(fn: Callable[[], object]) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def ours_fn(causal: bool) -> Callable:
+OURS = ("cuda", "triton")
+PEERS = ("flex", "sdpa_flash", "sdpa_cudnn")
+
+
+def ours_fn(causal: bool, backend: str) -> Callable:
     """(b, h, s, d) inputs like SDPA's; ours takes (b, s, h, d), so pass transposed views (strided inputs)."""
 
     def fn(q, k, v):
+        os.environ["FLEXATTN_BACKEND"] = backend  # read by dispatch at each call
         a = AttnArgs(softmax_scale=1.0 / math.sqrt(q.shape[-1]), window_right=0 if causal else -1)
         out, _ = torch.ops.flexattn.fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), *a)
         return out
@@ -113,7 +119,14 @@ def measure(fn: Callable, q, k, v, mode: str) -> tuple[Optional[float], str]:
         return None, f"{type(e).__name__}: {str(e)[:90]}"
 
 
-def run(dims: list[tuple[int, int]], seqs: list[int], impls: list[str], rows: list[dict], deadline: float) -> None:
+def run(
+    dims: list[tuple[int, int]],
+    seqs: list[int],
+    impls: list[str],
+    modes: list[str],
+    rows: list[dict],
+    deadline: float,
+) -> None:
     from torch.nn.attention import SDPBackend
 
     for dqk, dv in dims:
@@ -128,14 +141,15 @@ def run(dims: list[tuple[int, int]], seqs: list[int], impls: list[str], rows: li
                 k = torch.randn(b, h, s, dqk, device=DEV, dtype=DT)
                 v = torch.randn(b, h, s, dv, device=DEV, dtype=DT)
                 makers = {
-                    "triton": lambda c=causal: ours_fn(c),
+                    "triton": lambda c=causal: ours_fn(c, "triton"),
+                    "cuda": lambda c=causal: ours_fn(c, "cuda"),
                     "sdpa_flash": lambda c=causal: sdpa_fn(SDPBackend.FLASH_ATTENTION, c),
                     "sdpa_cudnn": lambda c=causal: sdpa_fn(SDPBackend.CUDNN_ATTENTION, c),
                     "flex": lambda c=causal, s=s: flex_fn(c, s),
                 }
                 for impl in impls:
                     fn = makers[impl]()
-                    for mode in ("fwd", "fwd_bwd"):
+                    for mode in modes:
                         t0 = time.time()
                         ms, note = measure(fn, q, k, v, mode)
                         tf = flops(b, h, s, dqk, dv, causal, mode) / (ms * 1e-3) / 1e12 if ms else float("nan")
@@ -164,15 +178,17 @@ def run(dims: list[tuple[int, int]], seqs: list[int], impls: list[str], rows: li
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown table: ours and each peer in TFLOP/s, then ours / peer."""
+    """Markdown table: each implementation in TFLOP/s, then each of ours / each peer."""
     key = lambda r: (r["dqk"], r["dv"], r["causal"], r["s"], r["mode"])  # noqa: E731
     by: dict = {}
     for r in rows:
         by.setdefault(key(r), {})[r["impl"]] = r["tflops"]
-    lines = [
-        "| dqk/dv | causal | seqlen | mode | triton | flex | sdpa_flash | cudnn | vs flex | vs flash | vs cudnn |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    present = {r["impl"] for r in rows}
+    ours = [i for i in OURS if i in present]
+    peers = [i for i in PEERS if i in present]
+    pairs = [(o, p) for o in ours for p in peers]
+    head = ["dqk/dv", "causal", "seqlen", "mode", *ours, *peers, *(f"{o} / {p}" for o, p in pairs)]
+    lines = ["| " + " | ".join(head) + " |", "| --- | --- | ---: | --- |" + " ---: |" * (len(head) - 4)]
 
     def fmt(x):
         return "-" if x is None or x != x else f"{x:.0f}"
@@ -181,12 +197,10 @@ def table(rows: list[dict]) -> str:
         return "-" if a is None or b is None or a != a or b != b or b == 0 else f"{a / b:.2f}"
 
     for (dqk, dv, causal, s, mode), d in sorted(by.items()):
-        t = d.get("triton")
-        lines.append(
-            f"| {dqk}/{dv} | {causal} | {s} | {mode} | {fmt(t)} | {fmt(d.get('flex'))} | {fmt(d.get('sdpa_flash'))} | "
-            f"{fmt(d.get('sdpa_cudnn'))} | {ratio(t, d.get('flex'))} | {ratio(t, d.get('sdpa_flash'))} | "
-            f"{ratio(t, d.get('sdpa_cudnn'))} |"
-        )
+        cells = [f"{dqk}/{dv}", str(causal), str(s), mode]
+        cells += [fmt(d.get(i)) for i in ours + peers]
+        cells += [ratio(d.get(o), d.get(p)) for o, p in pairs]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -196,11 +210,13 @@ def main() -> None:
     ap.add_argument("--seqs", default="512,2048,8192,16384")
     ap.add_argument("--pair-seqs", default="2048,8192")
     ap.add_argument("--impls", default="triton,sdpa_flash,sdpa_cudnn,flex")
+    ap.add_argument("--modes", default="fwd,fwd_bwd")
     ap.add_argument("--dims", default="", help="override: comma-separated dqk x dv pairs, e.g. 64x64,192x128")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds: start no new shape after this")
     args = ap.parse_args()
     seqs = [int(x) for x in args.seqs.split(",")]
     impls = args.impls.split(",")
+    modes = args.modes.split(",")
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "CUDA", torch.version.cuda, flush=True)
     import triton
 
@@ -211,11 +227,11 @@ def main() -> None:
         deadline = time.time() + args.budget
         if args.dims:
             dims = [(int(p.split("x")[0]), int(p.split("x")[1])) for p in args.dims.split(",")]
-            run(dims, seqs, impls, rows, deadline)
+            run(dims, seqs, impls, modes, rows, deadline)
         if args.part in ("core", "all") and not args.dims:
-            run(CORE_DIMS, seqs, impls, rows, deadline)
+            run(CORE_DIMS, seqs, impls, modes, rows, deadline)
         if args.part in ("pairs", "all"):
-            run(PAIRS, [int(x) for x in args.pair_seqs.split(",")], impls, rows, deadline)
+            run(PAIRS, [int(x) for x in args.pair_seqs.split(",")], impls, modes, rows, deadline)
     finally:
         if rows:
             path = os.path.join(OUT, f"bench_{args.part}.csv")
