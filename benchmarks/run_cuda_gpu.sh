@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call for the SM90 CUDA forward: JIT build (timed), the GPU tests, compute-sanitizer
+# One device call for the SM90 CUDA forward: JIT build (timed), the GPU tests and opcheck, compute-sanitizer
 # memcheck, then (PART=bench) the forward benchmark beside the peers. Logs go to $OUT.
 # Needs the nvidia-cutlass wheel in .whl/ (carried): only its headers are used.
 set -uo pipefail
@@ -14,6 +14,8 @@ python3 -c "from flexattn_ops import cuda_ext; print('extension:', cuda_ext.avai
 echo "JIT build of the default kernels: $(( $(date +%s) - start )) s on $(nproc) cores"
 if [ "${PART:-test}" = test ]; then
   python3 -m pytest -q -rs -n 8 -p no:cacheprovider tests/test_cuda_backend.py 2>&1 | tee "$OUT/test_cuda_backend.log" | tail -25
+  # opcheck of every op on the GPU, where `auto` now picks the CUDA forward for SM90-runnable inputs
+  python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_ops.py 2>&1 | tee "$OUT/test_ops_gpu.log" | tail -5
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --print-limit 20 python3 benchmarks/sanitize_cuda_fwd.py 2>&1 | tee "$OUT/memcheck.log" | tail -8
 else
   python3 benchmarks/bench_attention.py --impls cuda,triton,sdpa_flash,sdpa_cudnn,flex --modes fwd ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_cuda_fwd.log" | grep -v "TFLOP/s  (" | tail -80
