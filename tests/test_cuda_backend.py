@@ -110,21 +110,9 @@ def test_build_spec_sources_flags_includes(fake_cutlass):
     ]
     assert spec.include_dirs == (ROOT / "csrc" / "cuda", (fake_cutlass / "include").resolve())
     assert spec.archs == ("90a",)
-    assert spec.nvcc_flags == (
-        "-O3",
-        "-std=c++17",
-        "-gencode=arch=compute_90a,code=sm_90a",
-        "--expt-relaxed-constexpr",
-        "--expt-extended-lambda",
-        "--use_fast_math",
-        "-lineinfo",
-        "-DNDEBUG",
-        "-U__CUDA_NO_HALF_OPERATORS__",
-        "-U__CUDA_NO_HALF_CONVERSIONS__",
-        "-U__CUDA_NO_HALF2_OPERATORS__",
-        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-        "-DCUTLASS_ENABLE_GDC_FOR_SM90=0",
-    )
+    # every shared flag, plus the one target the arch asks for (sm_90a: wgmma and setmaxnreg need it)
+    assert set(cuda_build.NVCC_FLAGS) <= set(spec.nvcc_flags)
+    assert [f for f in spec.nvcc_flags if f.startswith("-gencode")] == ["-gencode=arch=compute_90a,code=sm_90a"]
     assert spec.cxx_flags[0] == "-O3"
 
 
