@@ -91,23 +91,43 @@ void fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   p.out = out.data_ptr();
   p.lse = softmax_lse.data_ptr<float>();
   int const r = varlen ? 0 : 1;  // index of the row axis
-  auto batch_stride = [&](const at::Tensor& t) -> int64_t { return varlen ? 0 : t.stride(0); };
-  p.q_batch_stride = batch_stride(q), p.q_row_stride = q.stride(r), p.q_head_stride = q.stride(r + 1);
-  p.k_batch_stride = batch_stride(k), p.k_row_stride = k.stride(r), p.k_head_stride = k.stride(r + 1);
-  p.v_batch_stride = batch_stride(v), p.v_row_stride = v.stride(r), p.v_head_stride = v.stride(r + 1);
-  p.o_batch_stride = batch_stride(out), p.o_row_stride = out.stride(r), p.o_head_stride = out.stride(r + 1);
+  // A size-1 axis may carry any stride (check_operand allows it), but TMA wants 16-byte multiples:
+  // its only coordinate is 0, so stride 0 describes it exactly.
+  auto stride = [](const at::Tensor& t, int d) -> int64_t { return t.size(d) == 1 ? 0 : t.stride(d); };
+  auto batch_stride = [&](const at::Tensor& t) -> int64_t { return varlen ? 0 : stride(t, 0); };
+  p.q_batch_stride = batch_stride(q), p.q_row_stride = stride(q, r), p.q_head_stride = stride(q, r + 1);
+  p.k_batch_stride = batch_stride(k), p.k_row_stride = stride(k, r), p.k_head_stride = stride(k, r + 1);
+  p.v_batch_stride = batch_stride(v), p.v_row_stride = stride(v, r), p.v_head_stride = stride(v, r + 1);
+  p.o_batch_stride = batch_stride(out), p.o_row_stride = stride(out, r), p.o_head_stride = stride(out, r + 1);
   p.lse_batch_stride = varlen ? 0 : softmax_lse.stride(0);
   p.lse_head_stride = varlen ? softmax_lse.stride(0) : softmax_lse.stride(1);
   p.batch = varlen ? cu_seqlens_q->size(0) - 1 : q.size(0);
+  std::vector<int64_t> out_shape = q.sizes().vec();
+  out_shape.back() = dv;
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape), "out must have q's shape with v's head dim, got ", out.sizes());
+  std::vector<int64_t> lse_shape = varlen ? std::vector<int64_t>{q.size(1), q.size(0)}
+                                          : std::vector<int64_t>{q.size(0), q.size(2), q.size(1)};
+  TORCH_CHECK(softmax_lse.sizes() == at::IntArrayRef(lse_shape), "softmax_lse must be ", at::IntArrayRef(lse_shape),
+              ", got ", softmax_lse.sizes());
+  for (const at::Tensor* t : {&k, &v, &out, &softmax_lse}) {
+    TORCH_CHECK(t->device() == q.device(), "every tensor must be on q's device");
+  }
+  if (varlen) {
+    TORCH_CHECK(cu_seqlens_k->numel() == cu_seqlens_q->numel(), "cu_seqlens_q and cu_seqlens_k must have batch + 1 entries");
+  } else {
+    TORCH_CHECK(k.size(0) == p.batch && v.size(0) == p.batch && k.size(1) == v.size(1), "q, k, v batch / k, v lengths differ");
+  }
+  if (seqused_k.has_value()) TORCH_CHECK(seqused_k->numel() == p.batch, "seqused_k must have one entry a sequence");
   p.heads_q = q.size(r + 1), p.heads_k = k.size(r + 1), p.heads_v = v.size(r + 1);
   TORCH_CHECK(p.heads_q % p.heads_k == 0 && p.heads_q % p.heads_v == 0, "heads_q must be a multiple of heads_k and heads_v");
   p.rows_q = q.size(r), p.rows_k = k.size(r);
   p.seqlen_q = varlen ? int(max_seqlen_q) : q.size(1);
   p.seqlen_k = varlen ? 0 : k.size(1);
   p.dqk = dqk, p.dv = dv;
-  auto int_ptr = [](const std::optional<at::Tensor>& t, const char* name) -> const int* {
+  auto int_ptr = [&q](const std::optional<at::Tensor>& t, const char* name) -> const int* {
     if (!t.has_value()) return nullptr;
-    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->is_cuda(), name, " must be contiguous int32 CUDA");
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->device() == q.device(), name,
+                " must be a contiguous int32 tensor on q's device");
     return t->data_ptr<int>();
   };
   p.cu_seqlens_q = int_ptr(cu_seqlens_q, "cu_seqlens_q");
@@ -115,7 +135,11 @@ void fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   p.seqused_k = int_ptr(seqused_k, "seqused_k");
   p.softmax_scale = float(softmax_scale);
   p.softcap = float(softcap);
-  p.window_left = int(window_left), p.window_right = int(window_right);
+  TORCH_CHECK(softmax_scale > 0 || softcap > 0, "the SM90 kernel needs softmax_scale > 0 (it takes row maxima of raw scores)");
+  // A window side wider than every row-to-key distance is unbounded; saying so keeps the kernel's
+  // int arithmetic (diagonal + window) from overflowing.
+  auto window = [&](int64_t w) -> int { return w < 0 || w >= int64_t(p.rows_q) + p.rows_k ? -1 : int(w); };
+  p.window_left = window(window_left), p.window_right = window(window_right);
 
   kernel->launcher(p, c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -71,6 +71,10 @@ def unsupported(op: str, q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> Option
     for present, feature in features:
         if present:
             return f"the SM90 CUDA kernel has no {feature} (Triton runs it)"
+    if a.softmax_scale <= 0 and a.softcap <= 0:  # max(s * scale) is not scale * max(s) then
+        return (
+            f"the SM90 CUDA kernel takes row maxima of raw scores, so it needs softmax_scale > 0, got {a.softmax_scale}"
+        )
     for name, t in (("q", q), ("k", k), ("v", v)):
         problem = _layout_problem(name, t)
         if problem:
@@ -92,7 +96,9 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> tuple[Tensor, Tensor]:
     """Dense: q (b, sq, hq, dqk), k (b, sk, hk, dqk), v (b, sk, hv, dv) -> out (b, sq, hq, dv), lse (b, hq, sq) f32.
 
     Varlen: q (total_q, hq, dqk), k (total_k, hk, dqk), v (total_k, hv, dv) with cu_seqlens_q/k
-    (and optional seqused_k) -> out (total_q, hq, dv), lse (hq, total_q) f32. Both contiguous; runs
+    (and optional seqused_k) -> out (total_q, hq, dv), lse (hq, total_q) f32. As in flash-attn,
+    max_seqlen_q must be at least every sequence's length (it sizes the grid; rows past it are not
+    computed), and seqused_k[b] at most sequence b's key count. Both contiguous; runs
     on the current stream.
     """
     hq, dv = q.shape[-2], v.shape[-1]

@@ -21,7 +21,16 @@ import types
 import pytest
 import torch
 
-from flexattn_ops import cuda_backend, cuda_build, cuda_ext, dispatch, explain_backend, flash_attn_func, reference
+from flexattn_ops import (
+    cuda_backend,
+    cuda_build,
+    cuda_ext,
+    dispatch,
+    explain_backend,
+    flash_attn_func,
+    flash_attn_varlen_func,
+    reference,
+)
 from flexattn_ops.cuda_build import FWD_SM90_KERNELS, BuildError, Kernel
 from flexattn_ops.params import AttnArgs
 from tests.helpers import rand_qkv
@@ -376,6 +385,14 @@ FEATURES = {
 }
 
 
+def test_unsupported_nonpositive_scale(sm90):
+    q, k, v = _qkv()
+    for scale in (0.0, -0.5):
+        got = cuda_backend.unsupported("fwd", q, k, v, AttnArgs(softmax_scale=scale))
+        assert got is not None and "needs softmax_scale > 0" in got, got
+    assert cuda_backend.unsupported("fwd", q, k, v, AttnArgs(softmax_scale=0.0, softcap=5.0)) is None  # scale_log2 > 0
+
+
 @pytest.mark.parametrize("feature", FEATURES)
 def test_unsupported_features(feature, sm90):
     kw, reason = FEATURES[feature]
@@ -706,3 +723,65 @@ def test_gpu_dispatch_falls_back_for_what_the_kernel_lacks(extension, no_autotun
     monkeypatch.setenv("FLEXATTN_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="FLEXATTN_BACKEND=cuda cannot run fwd: the SM90 CUDA kernel has no ALiBi"):
         flash_attn_func(q, k, v, alibi_slopes=slopes)
+
+
+@gpu
+@pytest.mark.usefixtures("on_cuda")
+@pytest.mark.parametrize("dims", [(128, 128), (64, 64), (256, 256)], ids=lambda d: f"{d[0]}x{d[1]}")
+def test_gpu_garbage_past_the_keys_stays_out(dims):
+    """NaN in K/V rows that belong to no key (past seqused_k, the padding after cu_seqlens_k[-1]) must
+    not reach the output: the kernel zeroes the V rows past seqlen_k of the last key block it loads."""
+    from flexattn_ops.testing import attention_ref
+
+    dqk, dv = dims
+    lens_q, lens_k, used = [37, 1, 130], [200, 300, 77], [113, 300, 5]
+    total_k = sum(lens_k) + 9  # 9 padding rows after the last sequence
+    cu_q = torch.tensor([0, *itertools.accumulate(lens_q)], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, *itertools.accumulate(lens_k)], dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(lens_q), 4, dqk, dtype=BF16, device="cuda")
+    k = torch.randn(total_k, 2, dqk, dtype=BF16, device="cuda")
+    v = torch.randn(total_k, 2, dv, dtype=BF16, device="cuda")
+    for b in range(3):  # every row past the used keys, in every sequence and the padding: NaN
+        k[cu_k[b] + used[b] : cu_k[b + 1]] = float("nan")
+        v[cu_k[b] + used[b] : cu_k[b + 1]] = float("nan")
+    k[cu_k[-1] :], v[cu_k[-1] :] = float("nan"), float("nan")
+    seqused = torch.tensor(used, dtype=torch.int32, device="cuda")
+    for causal in (False, True):
+        out, lse, _ = flash_attn_varlen_func(
+            q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, seqused_k=seqused, return_attn_probs=True
+        )
+        assert not out.isnan().any() and not lse.isnan().any()
+        for b in range(3):
+            qs, ks, vs = (
+                t[c[b] : c[b] + n][None] for t, c, n in ((q, cu_q, lens_q[b]), (k, cu_k, used[b]), (v, cu_k, used[b]))
+            )
+            ref, ref_lse = attention_ref(qs, ks, vs, causal=causal)
+            torch.testing.assert_close(out[cu_q[b] : cu_q[b + 1]].float(), ref[0].float(), atol=2e-2, rtol=0)
+            torch.testing.assert_close(lse[:, cu_q[b] : cu_q[b + 1]], ref_lse[0].float(), atol=1e-3, rtol=0)
+
+
+@gpu
+@pytest.mark.usefixtures("on_cuda")
+def test_gpu_edge_arguments():
+    """All-empty varlen queries with padding rows; a window wider than int32 arithmetic; a size-1
+    batch axis with a stride TMA could not describe; softmax_scale 0 falls back to Triton."""
+    from flexattn_ops.testing import attention_ref
+
+    k = torch.randn(50, 2, 64, dtype=BF16, device="cuda")
+    v = torch.randn(50, 2, 64, dtype=BF16, device="cuda")
+    q = torch.randn(5, 2, 64, dtype=BF16, device="cuda")
+    zero = torch.zeros(2, dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 50], dtype=torch.int32, device="cuda")
+    out, lse, _ = flash_attn_varlen_func(q, k, v, zero, cu_k, 0, 50, return_attn_probs=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+    q, k, v = rand_qkv(1, 100, 90, 4, 2, 2, 128, 128, BF16, device="cuda")
+    ref, _ = attention_ref(q, k, v)
+    wide = flash_attn_func(q, k, v, window_size=(2**31 - 1, 2**33))
+    torch.testing.assert_close(wide.float(), ref.float(), atol=2e-2, rtol=0)
+
+    q1 = torch.randn(100, 4, 136, dtype=BF16, device="cuda")[None, :, :, :128]
+    q1 = q1.as_strided(q1.shape, (3, *q1.stride()[1:]))  # batch of 1 with stride 3
+    torch.testing.assert_close(flash_attn_func(q1, k, v).float(), ref.float(), atol=2e-2, rtol=0)
+
+    assert explain_backend(q, k, v, softmax_scale=0.0).selected == "triton"

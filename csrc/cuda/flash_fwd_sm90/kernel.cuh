@@ -1,6 +1,7 @@
-// The SM90 attention forward kernel: TMA loads by a producer warpgroup, wgmma by two consumer
-// warpgroups (64 query rows each), online softmax in registers, P fed to the second GEMM from
-// registers. One CTA per (query block, head, batch).
+// The SM90 attention forward kernel: TMA loads by a producer warpgroup, wgmma by two or three
+// consumer warpgroups (64 query rows each), online softmax in registers, P fed to the second GEMM
+// from registers. A CTA walks (query block, head, batch) tiles: persistently without a local mask,
+// one tile per CTA with one (launch.cuh).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -71,7 +72,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
   constexpr int kBlockN = Traits::kBlockN;
   FwdParams const& p = kp.p;
   TileScheduler const scheduler{(p.seqlen_q + kBlockM - 1) / kBlockM, p.heads_q, p.batch,
-                                /*longest_first=*/p.window_right >= 0 || p.window_left >= 0};
+                                /*longest_first=*/p.window_right >= 0};  // the last query blocks see the most keys
 
   extern __shared__ char smem_raw[];
   SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw);
@@ -151,6 +152,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
     int const mma_tidx = threadIdx.x - 128;
+    int const wg_tidx = threadIdx.x % 128;
     typename Traits::TiledMmaQK tiled_mma_qk;
     typename Traits::TiledMmaPV tiled_mma_pv;
     auto thr_qk = tiled_mma_qk.get_thread_slice(mma_tidx);
@@ -199,6 +201,22 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
       if (n_min < n_max) {
         smem.barrier_q_full.wait(q_phase);
         q_phase ^= 1;
+        // The first P V of a tile reads key block n_max - 1. When its rows past seqlen_k come from
+        // memory (varlen: the next sequence or padding; seqused_k: unused cache slots) rather than
+        // TMA's zero fill, P is 0 there but 0 * NaN is not: zero those V rows in shared memory first.
+        // Each consumer warpgroup does it before its first GEMM (the same zeros, so one warpgroup
+        // writing while another reads is harmless) and fences them for the tensor cores. Done ahead
+        // of the main loop so the loop carries no extra registers.
+        if ((p.cu_seqlens_k != nullptr || p.seqused_k != nullptr) && n_max * kBlockN > seq.seqlen_k) {
+          pipeline_v.consumer_wait(read_v);
+          Tensor sV_stage = sV(_, _, read_v.index());
+          int const first = seq.seqlen_k - (n_max - 1) * kBlockN;  // first row past the keys
+          for (int i = wg_tidx; i < (kBlockN - first) * Traits::kDV; i += 128) {
+            sV_stage(first + i / Traits::kDV, i % Traits::kDV) = Element(0.f);
+          }
+          cutlass::arch::fence_view_async_shared();
+          cutlass::arch::NamedBarrier::sync(128, kConsumers + consumer);  // the warpgroup's writes are done
+        }
         auto acc_s = partition_fragment_C(tiled_mma_qk, select<0, 1>(typename Traits::TileShapeQK{}));
         pipeline_k.consumer_wait(read_k);
         wait_turn();
@@ -209,6 +227,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
         scores_to_probs(acc_s, n_max - 1);
         Tensor probs = convert_fragment<Element>(acc_s);
         Tensor probs_a = make_tensor(probs.data(), acc_as_a_operand(probs.layout()));
+
 
         // Each iteration issues S = Q K^T for block n_block and O += P V for the block before it,
         // then computes the softmax of S while the second GEMM runs (intra-warpgroup overlap).

@@ -1,8 +1,9 @@
 // Compile-time shape of the SM90 forward kernel for one (dtype, dqk, dv): tiles, shared-memory
 // layouts, the two tiled wgmmas and the TMA copy types.
 //
-// One CTA = 3 warpgroups: warpgroup 0 issues TMA loads (producer), warpgroups 1-2 each own 64 of
-// the 128 query rows (consumers). Shared memory holds Q once and kStages tiles of K and V.
+// One CTA = a producer warpgroup (warpgroup 0 issues the TMA loads) and kBlockM / 64 consumer
+// warpgroups owning 64 query rows each (2 for 128-row blocks, 3 for hd64's 192). Shared memory holds
+// Q once and kStages tiles of K and V.
 #pragma once
 
 #include <cute/tensor.hpp>

@@ -50,6 +50,12 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
       make_tma_copy(SM90_TMA_LOAD{}, mV, take<0, 2>(typename Traits::SmemLayoutV{}),
                     Shape<Int<Traits::kBlockN>, Int<kDV>>{}, _1{}),
   };
+  int device = 0, num_sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+  if (varlen && p.rows_q > 0) {  // independent of the main kernel (disjoint rows), so launched first
+    sm90::fill_padding_rows<typename Traits::Element><<<std::min((p.rows_q + 3) / 4, 4 * num_sms), 128, 0, stream>>>(p);
+  }
   int const num_tiles = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM * p.heads_q * p.batch;
   if (num_tiles == 0) return;
   // Without a local mask every tile costs the same: a persistent grid (one CTA per SM) lets the
@@ -58,17 +64,11 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   // over them left some SMs with twice the work (16k causal: 634 -> 420 TFLOP/s), so local masks
   // get one CTA per tile and the hardware's first-free-SM scheduling of longest-first tiles.
   bool const local = p.window_left >= 0 || p.window_right >= 0;
-  int device = 0, num_sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
   dim3 const grid(local ? num_tiles : std::min(num_tiles, num_sms));
   constexpr size_t kSmemBytes = sizeof(typename Traits::SharedStorage);
   auto kernel = &sm90::fwd_kernel<Traits>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   kernel<<<grid, Traits::kNumThreads, kSmemBytes, stream>>>(kp);
-  if (varlen) {
-    sm90::fill_padding_rows<typename Traits::Element><<<std::min((p.rows_q + 3) / 4, 4 * num_sms), 128, 0, stream>>>(p);
-  }
 }
 
 template <class Element, int kDQK, int kDV>
