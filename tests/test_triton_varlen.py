@@ -114,22 +114,7 @@ def test_paged_bf16_seqused_k() -> None:
 
 def test_paged_shared_pages() -> None:
     """Prefix caching: page 4 in every sequence, page 0 in two; dK/dV of a shared page sum over its readers."""
-    g = torch.Generator().manual_seed(13)
-    lens_q, lens_k = [2, 3, 1], [7, 8, 5]
-    q = rand(g, F32, sum(lens_q), 4, 16)
-    k_cache, v_cache = rand(g, F32, 9, 3, 2, 16), rand(g, F32, 9, 3, 2, 8)
-    table = torch.tensor([[4, 0, 7], [4, 0, 2], [4, 5, 1]], dtype=torch.int32)
-    check_fwd_bwd(
-        q,
-        k_cache,
-        v_cache,
-        lens_q,
-        lens_k,
-        {"causal": True},
-        block_table=table,
-        packed_k=lambda c: tv.paged_to_packed(c, table, lens_k),
-        packed_v=lambda c: tv.paged_to_packed(c, table, lens_k),
-    )
+    tv.test_paged_shared_prefix_pages()
 
 
 def test_rows_without_keys() -> None:
