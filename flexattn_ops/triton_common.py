@@ -129,6 +129,19 @@ def keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT: tl.constexpr, 
 
 
 @triton.jit
+def tile_bounds(lo, mid_lo, r_full, hi, BLOCK: tl.constexpr):
+    """Rounds a visited range [lo, hi) and its fully unmasked part [mid_lo, r_full) (all >= 0) to
+    BLOCK-sized tiles: (lo, mid_lo, mid_hi, hi) with lo <= mid_lo <= mid_hi and lo, mid_lo, mid_hi
+    multiples of BLOCK. The unmasked middle shrinks to whole tiles; hi stays exact (loads mask past it)."""
+    lo = (lo // BLOCK) * BLOCK
+    hi = tl.maximum(hi, lo)
+    hi_tiles = ((hi + BLOCK - 1) // BLOCK) * BLOCK
+    mid_lo = tl.minimum(tl.maximum(((mid_lo + BLOCK - 1) // BLOCK) * BLOCK, lo), hi_tiles)
+    mid_hi = tl.maximum((r_full // BLOCK) * BLOCK, mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
 def key_tile_bounds(
     m0,
     sk,
@@ -159,12 +172,7 @@ def key_tile_bounds(
         hi = tl.minimum(m0 + BLOCK_M + off + window_right, sk)
         # first row of the block: keys <= its right edge are inside every row's window
         r_full = tl.minimum(tl.maximum(m0 + off + window_right + 1, 0), sk)
-    lo = (lo // BLOCK_N) * BLOCK_N
-    hi = tl.maximum(hi, lo)
-    hi_tiles = ((hi + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-    mid_lo = tl.minimum(tl.maximum(((mid_lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, lo), hi_tiles)
-    mid_hi = tl.maximum((r_full // BLOCK_N) * BLOCK_N, mid_lo)
-    return lo, mid_lo, mid_hi, hi
+    return tile_bounds(lo, mid_lo, r_full, hi, BLOCK_N)
 
 
 @triton.jit
@@ -195,12 +203,7 @@ def query_tile_bounds(
     if HAS_LEFT:
         hi = tl.minimum(n0 + BLOCK_N - off + window_left, sq)
         r_full = tl.minimum(tl.maximum(n0 - off + window_left + 1, 0), sq)
-    lo = (lo // BLOCK_M) * BLOCK_M
-    hi = tl.maximum(hi, lo)
-    hi_tiles = ((hi + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-    mid_lo = tl.minimum(tl.maximum(((mid_lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo), hi_tiles)
-    mid_hi = tl.maximum((r_full // BLOCK_M) * BLOCK_M, mid_lo)
-    return lo, mid_lo, mid_hi, hi
+    return tile_bounds(lo, mid_lo, r_full, hi, BLOCK_M)
 
 
 @triton.jit
