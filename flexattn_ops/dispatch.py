@@ -85,22 +85,36 @@ def why_not(name: str, op: str, q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) ->
     raise ValueError(f"unknown backend {name!r}")
 
 
-def explain(op: str, q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> BackendChoice:
-    """Which backend runs `op` for these inputs, and why each of the others does not."""
+def explain(op: str, q: Tensor, k: Tensor, v: Tensor, a: AttnArgs, *, complete: bool = True) -> BackendChoice:
+    """Which backend runs `op` for these inputs, and why each of the others does not.
+
+    With `complete=False` (what `select` uses on every call) only the backends the choice needs are
+    asked: a backend named by FLEXATTN_BACKEND alone, or under `auto` those before the first that
+    can run the inputs. Asking the `cuda` backend may build its extension, which a call that
+    named Triton must never wait for.
+    """
     requested = requested_backend()
-    reasons = {name: why_not(name, op, q, k, v, a) for name in BACKENDS}
+    reasons: dict[str, Optional[str]] = {}
+
+    def reason(name: str) -> Optional[str]:
+        if name not in reasons:
+            reasons[name] = why_not(name, op, q, k, v, a)
+            if requested == "auto" and name == "triton" and q.device.type == "cpu":
+                reasons[name] = reasons[name] or "auto keeps CPU tensors on the reference backend"
+        return reasons[name]
+
     if requested != "auto":
-        if reasons[requested] is not None:
+        if reason(requested) is not None:
             raise RuntimeError(f"{BACKEND_ENV}={requested} cannot run {op}: {reasons[requested]}")
-        return BackendChoice(requested, requested, reasons)
-    for name in BACKENDS:
-        if name == "triton" and q.device.type == "cpu":
-            reasons[name] = reasons[name] or "auto keeps CPU tensors on the reference backend"
-        if reasons[name] is None:
-            return BackendChoice(name, requested, reasons)
-    raise AssertionError("the reference backend runs everything")
+        selected = requested
+    else:
+        selected = next(name for name in BACKENDS if reason(name) is None)  # the reference runs everything
+    if complete:
+        for name in BACKENDS:
+            reason(name)
+    return BackendChoice(selected, requested, {name: reasons[name] for name in BACKENDS if name in reasons})
 
 
 def select(op: str, q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> ModuleType:
     """The backend module that runs `op` (it has a function named `op`)."""
-    return backend_module(explain(op, q, k, v, a).selected)
+    return backend_module(explain(op, q, k, v, a, complete=False).selected)

@@ -333,6 +333,33 @@ def test_explain_on_cpu_says_why_and_touches_no_cuda(monkeypatch, fresh_loader):
     assert out.shape == (1, 16, 2, 64) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize(
+    "requested,asked",
+    [("reference", ["reference"]), ("triton", ["triton"]), ("auto", ["cuda", "triton", "reference"])],
+)
+def test_a_call_asks_only_the_backends_its_choice_needs(requested, asked, monkeypatch):
+    """A call with FLEXATTN_BACKEND=triton must not ask the cuda backend (that can start a JIT build of
+    the extension); explain_backend still reports every backend."""
+    monkeypatch.setenv("FLEXATTN_BACKEND", requested)
+    calls = []
+    real = dispatch.why_not
+
+    def spy(name, *args):
+        calls.append(name)
+        return real(name, *args) if name != "triton" else None  # Triton "can run" them; nothing launches
+
+    monkeypatch.setattr(dispatch, "why_not", spy)
+    q, k, v = rand_qkv(1, 16, 16, 2, 2, 2, 64, 64, BF16)
+    a = AttnArgs(softmax_scale=0.125)
+    selected = {"auto": "reference", "triton": "triton", "reference": "reference"}[requested]
+    assert dispatch.select("fwd", q, k, v, a) is dispatch.backend_module(selected)
+    assert calls == asked
+    calls.clear()
+    choice = dispatch.explain("fwd", q, k, v, a)
+    assert choice.selected == selected and list(choice.reasons) == list(dispatch.BACKENDS)
+    assert sorted(calls) == sorted(dispatch.BACKENDS)
+
+
 def test_named_cuda_backend_on_cpu_raises(monkeypatch):
     monkeypatch.setenv("FLEXATTN_BACKEND", "cuda")
     q, k, v = rand_qkv(1, 16, 16, 2, 2, 2, 64, 64, BF16)
