@@ -62,6 +62,12 @@ NO_SPLIT_FILL = 0.5
 # 4 per SM, always splitting, paged-256 ran 2845 / 2936 GB/s at b=16 kv 8k / b=64 kv 4k against 2442 / 2753
 # with the contiguous rule (1 split); b=1 kv 32k: 66 splits 2254, 33 splits 2376 (one sweep, one table).
 PAGED_PROGRAMS_PER_SM = 4
+# Unsplit contiguous decode grids larger than one wave of the default tiles (2 programs per SM): up to this
+# many programs per SM take 32-key tiles so that all are resident at once. H100, GQA 32/8, hd 128, cuDNN in
+# interleaved rounds (benchmarks/RESULTS_decode.md): b=64 kv 4k (3.9 per SM) 1.012x cuDNN with 32-key tiles
+# against 0.966x with the default; b=128 kv 2k (7.8 per SM) 1.002x with 128-key tiles against 0.986x.
+DEFAULT_TILE_WAVE = 2
+SMALL_TILE_WAVE = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -734,21 +740,32 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def decode_config(dtype: torch.dtype, dqk: int, dv: int, rows: int) -> tuning.Config:
-    """Tile configuration of `kvcache_fwd_kernel` for `rows` = G * sq query rows per (batch, kv group).
+def decode_block_m(rows: int) -> int:
+    """BLOCK_M for `rows` packed query rows: 16 (tl.dot's minimum) up to 64."""
+    return min(64, max(16, triton.next_power_of_2(rows)))
+
+
+def decode_config(dtype: torch.dtype, dqk: int, dv: int, rows: int, programs_per_sm: float = 0.0) -> tuning.Config:
+    """Tile configuration of `kvcache_fwd_kernel` for `rows` = G * sq query rows per (batch, kv group);
+    `programs_per_sm` is the unsplit grid over the SM count for a contiguous cache (0: paged, or unknown).
 
     Decode is bound by reading K/V: BLOCK_M just covers the packed rows (16 = tl.dot's minimum holds a
     GQA group of up to 16 heads at sq = 1); BLOCK_N = 64 keys gives 16 KB K and 16 KB V tiles at hd 128
-    bf16, and 3 pipeline stages keep ~96 KB of loads in flight per program (an H100 SM has 228 KB).
+    bf16, and 3 pipeline stages keep ~96 KB of loads in flight per program (an H100 SM has 228 KB), so
+    2 programs fit an SM. A grid of more than 2 programs per SM runs in waves, and a last partial wave
+    leaves SMs idle: up to SMALL_TILE_WAVE per SM, 32-key tiles in 2 stages (~33 KB each) keep every
+    program resident at once; beyond it, 128-key tiles in 3 stages make each program a long stream.
     """
     if tuning.interpreting():
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    block_m = decode_block_m(rows)
     width = tuning.pad_dim(dqk) + tuning.pad_dim(dv)
     block_n = 64 if width <= 256 else 32
     if dtype == torch.float32:
         block_n = min(block_n, 32)
     stages = 3 if width <= 256 else 2
+    if width <= 256 and dtype != torch.float32 and programs_per_sm > DEFAULT_TILE_WAVE:
+        block_n, stages = (32, 2) if programs_per_sm <= SMALL_TILE_WAVE else (128, 3)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": stages}
 
 
@@ -800,10 +817,14 @@ def fwd_kvcache(
     s_new = c.k.shape[1] if c.k is not None else 0
     group = math.gcd(hq // hk, hq // hv)
     rows = group * sq
-    cfg = dict(config) if config is not None else decode_config(q.dtype, dqk, dv, rows)
+    n_groups = hq // group
+    if config is not None:
+        cfg = dict(config)
+    else:
+        unsplit = b * n_groups * triton.cdiv(rows, decode_block_m(rows))
+        cfg = decode_config(q.dtype, dqk, dv, rows, 0.0 if paged else unsplit / sm_count(q.device))
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     m_tiles = max(1, triton.cdiv(rows, block_m))
-    n_groups = hq // group
     splits = cfg.get("num_splits") or choose_num_splits(
         c.num_splits, b * n_groups * m_tiles, cache_len, block_n, q.device, paged=c.block_table is not None
     )

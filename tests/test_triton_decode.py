@@ -141,6 +141,23 @@ def test_split_heuristic_uses_shapes_and_sm_count(monkeypatch):
     assert triton_decode.choose_num_splits(7, 8, 300, 64, dev) == 5  # asked for: capped at one per tile
 
 
+def test_decode_tiles_follow_waves(monkeypatch):
+    """Compiled-GPU tiles for GQA 32/8 hd 128 on 132 SMs: the default up to one wave of 2 programs per SM,
+    32-key tiles while all programs fit at 4 per SM, 128-key tiles beyond (RESULTS_decode.md); fp32 and
+    wide heads keep their own tiles."""
+    from flexattn_ops import triton_decode, triton_tuning
+
+    monkeypatch.setattr(triton_tuning, "interpreting", lambda: False)
+    tiles = [
+        (c["BLOCK_M"], c["BLOCK_N"], c["num_stages"])
+        for c in (triton_decode.decode_config(torch.bfloat16, 128, 128, 4, b * 8 / 132) for b in (1, 16, 32, 64, 128))
+    ]
+    assert tiles == [(16, 64, 3), (16, 64, 3), (16, 64, 3), (16, 32, 2), (16, 128, 3)]
+    assert triton_decode.decode_config(torch.bfloat16, 128, 128, 4)["BLOCK_N"] == 64  # paged: no wave count
+    assert triton_decode.decode_config(torch.float32, 128, 128, 4, 7.8)["BLOCK_N"] == 32
+    assert triton_decode.decode_config(torch.bfloat16, 256, 256, 4, 7.8)["BLOCK_N"] == 32
+
+
 # ---------------------------------------------------------------------------------------------
 # combine
 
