@@ -3,6 +3,13 @@
 Each real implementation validates, asks `dispatch` for a backend and calls it; each fake comes
 from `flexattn_ops.meta`. Compiled and exported graphs contain these ops, so their schemas are
 the stable contract (see `params.ATTN_SCHEMA` for the shared attention arguments).
+
+`fwd`, the op every training step calls with inputs that require grad, is registered with
+`torch.library` directly and carries its own Autograd kernel. `custom_op`'s generated one rebuilds
+the 19 schema arguments' defaults on every call (`fill_defaults`, quadratic in the argument count):
+on the H100 host (torch 2.11) that made a forward with q.requires_grad cost 368 us of host time
+against 186 us without grad (benchmarks/results/host_overhead_parts_h100.log). The other ops are
+off that path (bwd runs with grad disabled, combine has two arguments) and stay `custom_op`s.
 """
 
 from __future__ import annotations
@@ -26,14 +33,22 @@ _BIAS = AttnArgs._fields.index("attn_bias")
 _SINKS = AttnArgs._fields.index("sinks")
 
 
-@custom_op(
-    "flexattn::fwd", mutates_args=(), schema=f"(Tensor q, Tensor k, Tensor v, {ATTN_SCHEMA}) -> (Tensor, Tensor)"
+_LIB = torch.library.Library("flexattn", "FRAGMENT")
+_LIB.define(
+    f"fwd(Tensor q, Tensor k, Tensor v, {ATTN_SCHEMA}) -> (Tensor, Tensor)", tags=(torch.Tag.pt2_compliant_tag,)
 )
+_FWD = torch.ops.flexattn.fwd.default
+
+
 def fwd(q: Tensor, k: Tensor, v: Tensor, *args) -> tuple[Tensor, Tensor]:
     """Attention forward: returns (out, softmax_lse). Shapes in `AttnArgs`."""
     a = AttnArgs(*args)
     check_attention(q, k, v, a)
     return dispatch.select("fwd", q, k, v, a).fwd(q, k, v, a)
+
+
+_LIB.impl("fwd", fwd, "CompositeExplicitAutograd")
+torch.library.register_fake("flexattn::fwd", fwd_fake, lib=_LIB)
 
 
 @custom_op(
@@ -66,7 +81,6 @@ def probs(q: Tensor, k: Tensor, v: Tensor, *args) -> Tensor:
     return dispatch.select("probs", q, k, v, a).probs(q, k, v, a)
 
 
-fwd.register_fake(fwd_fake)
 bwd.register_fake(bwd_fake)
 probs.register_fake(probs_fake)
 
@@ -96,7 +110,31 @@ def _fwd_backward(ctx, dout: Tensor, _dlse: Tensor):
     return (dq, dk, dv, *grads)
 
 
-fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+class _FwdFunction(torch.autograd.Function):
+    """fwd's derivative: the dispatch key set rides last among the inputs (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, *args_and_keys):
+        *args, keys = args_and_keys
+        with torch._C._AutoDispatchBelowAutograd():
+            output = _FWD.redispatch(keys & torch._C._after_autograd_keyset, q, k, v, *args)
+        _fwd_setup_context(ctx, (q, k, v, *args), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout: Tensor, dlse: Tensor):
+        return (*_fwd_backward(ctx, dout, dlse), None)
+
+
+def _fwd_autograd(keys, q: Tensor, k: Tensor, v: Tensor, *args):
+    """fwd's Autograd kernel: records the backward only when some input needs a gradient."""
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (q, k, v, *args)):
+        return _FwdFunction.apply(q, k, v, *args, keys)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _FWD.redispatch(keys & torch._C._after_autograd_keyset, q, k, v, *args)
+
+
+_LIB.impl("fwd", _fwd_autograd, "Autograd", with_keyset=True)
 
 
 @custom_op(
