@@ -11,6 +11,7 @@
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -141,7 +142,13 @@ void fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   auto window = [&](int64_t w) -> int { return w < 0 || w >= int64_t(p.rows_q) + p.rows_k ? -1 : int(w); };
   p.window_left = window(window_left), p.window_right = window(window_right);
 
-  kernel->launcher(p, c10::cuda::getCurrentCUDAStream().stream());
+  // The persistent CTAs' tile counter: stream-ordered workspace from the caching allocator, zeroed
+  // on the stream (a memset node under CUDA-graph capture).
+  at::Tensor const tile_counter = at::empty({1}, q.options().dtype(at::kInt));
+  p.tile_counter = tile_counter.data_ptr<int>();
+  cudaStream_t const stream = c10::cuda::getCurrentCUDAStream().stream();
+  C10_CUDA_CHECK(cudaMemsetAsync(p.tile_counter, 0, sizeof(int), stream));
+  kernel->launcher(p, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

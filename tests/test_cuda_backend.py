@@ -789,9 +789,9 @@ def test_gpu_garbage_past_the_keys_stays_out(dims):
 
 @gpu
 @pytest.mark.usefixtures("on_cuda")
-def test_gpu_edge_arguments():
+def test_gpu_edge_arguments(monkeypatch):
     """All-empty varlen queries with padding rows; a window wider than int32 arithmetic; a size-1
-    batch axis with a stride TMA could not describe; softmax_scale 0 falls back to Triton."""
+    batch axis with a stride TMA could not describe; under auto, softmax_scale 0 falls back to Triton."""
     from flexattn_ops.testing import attention_ref
 
     k = torch.randn(50, 2, 64, dtype=BF16, device="cuda")
@@ -812,4 +812,5 @@ def test_gpu_edge_arguments():
     ref1, _ = attention_ref(q1, k, v)
     torch.testing.assert_close(flash_attn_func(q1, k, v).float(), ref1.float(), atol=2e-2, rtol=0)
 
+    monkeypatch.setenv("FLEXATTN_BACKEND", "auto")
     assert explain_backend(q, k, v, softmax_scale=0.0).selected == "triton"

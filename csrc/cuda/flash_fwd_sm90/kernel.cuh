@@ -89,6 +89,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
   if (threadIdx.x == 0) {
     smem.barrier_q_full.init(1);
     smem.barrier_q_empty.init(Traits::kNumMmaThreads);
+    for (int slot = 0; slot < 2; ++slot) {
+      smem.tile_full[slot].init(1);
+      smem.tile_empty[slot].init(Traits::kNumMmaThreads);
+    }
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
@@ -98,9 +102,12 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
   Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutV{});
   Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutVt{});
 
-  // The CTA loops over tiles (a persistent grid of one CTA per SM): the producer loads the next
-  // tile's Q, K and V while the consumers still finish the current one. Both sides walk the same
-  // tiles and skip the same empty ones, so their pipeline states and Q phases stay in step.
+  // The CTA loops over tiles (a persistent grid of one CTA per SM): the producer draws each next
+  // tile (TileScheduler::next), passes its index to the consumers through the ring, and loads its
+  // Q, K and V while the consumers still finish the current one. Both sides walk the same tiles and
+  // skip the same empty ones, so their pipeline states and Q phases stay in step. An index past the
+  // last tile ends both loops. (The asm memory clobbers keep the compiler from moving the index's
+  // shared-memory store or load across the barrier instructions, which declare none.)
   if (warp_group == 0) {
     // Producer: one thread issues every TMA load; the rest of the warpgroup just gives its
     // registers to the consumers.
@@ -112,7 +119,17 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
     Tensor mV = kp.tma_v.get_tma_tensor(make_shape(p.rows_k, p.dv, p.heads_v, batch_extent));
     PipelineState write = cutlass::make_producer_start_state<Pipeline>();
     int q_phase = 0;
-    for (int index = blockIdx.x; index < scheduler.num_tiles(); index += gridDim.x) {
+    RingPos ring;
+    // The next tile is drawn after this one's loads are issued: the producer then waits for free
+    // K/V stages anyway, and the index is not live through the load loop (the producer's 24
+    // registers have none to spare: holding it there spilled).
+    for (int index = blockIdx.x;; index = scheduler.next(p.tile_counter), ring.advance()) {
+      smem.tile_empty[ring.slot()].wait(ring.phase() ^ 1);  // the consumers have read the slot's last index
+      asm volatile("" ::: "memory");
+      smem.tile_index[ring.slot()] = index;
+      asm volatile("" ::: "memory");
+      smem.tile_full[ring.slot()].arrive();
+      if (index >= scheduler.num_tiles()) break;
       TileCoord const tile = scheduler.tile(index);
       SeqInfo const seq(p, tile.batch);
       if (tile.m_block * kBlockM >= seq.seqlen_q) continue;  // varlen: past this sequence's end
@@ -178,7 +195,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
 
     PipelineState read_k, read_v;
     int q_phase = 0;
-    for (int index = blockIdx.x; index < scheduler.num_tiles(); index += gridDim.x) {
+    for (RingPos ring;; ring.advance()) {
+      smem.tile_full[ring.slot()].wait(ring.phase());
+      asm volatile("" ::: "memory");
+      int const index = smem.tile_index[ring.slot()];
+      asm volatile("" ::: "memory");
+      smem.tile_empty[ring.slot()].arrive();
+      if (index >= scheduler.num_tiles()) break;
       TileCoord const tile = scheduler.tile(index);
       SeqInfo const seq(p, tile.batch);
       if (tile.m_block * kBlockM >= seq.seqlen_q) continue;

@@ -49,10 +49,15 @@ struct FwdTraits {
   static constexpr int kNumMmaWarpGroups = kBlockM / 64;
   static constexpr int kNumMmaThreads = 128 * kNumMmaWarpGroups;
   static constexpr int kNumThreads = kNumMmaThreads + 128;
-  // setmaxnreg budgets (65536 registers per SM): 24 x 128 + 240 x 256 = 64512 for two consumer
-  // warpgroups; 32 x 128 + 160 x 384 = 65536 for three.
-  static constexpr int kProducerRegs = kNumMmaWarpGroups == 2 ? 24 : 32;
-  static constexpr int kConsumerRegs = kNumMmaWarpGroups == 2 ? 240 : 160;
+  // setmaxnreg budgets, which must sum to no more than the CTA was launched with (168 x 384 = 64512
+  // for two consumer warpgroups, 128 x 512 = 65536 for three), or the consumers' increase deadlocks.
+  // Two: the producer thread needs 32 for the tile ring (at 24 its per-tile setup spilled 48 - 232
+  // bytes), leaving 232 per consumer thread (32 x 128 + 232 x 256 = 63488); dqk = dv = 256 needs 240
+  // in the consumers (232 spilled 32 bytes in their loop), so there the producer keeps 24 and spills
+  // its setup instead. Three: 32 x 128 + 160 x 384 = 65536.
+  static constexpr bool kWideConsumers = kNumMmaWarpGroups == 2 && kDQK == 256 && kDV == 256;
+  static constexpr int kProducerRegs = kWideConsumers ? 24 : 32;
+  static constexpr int kConsumerRegs = kNumMmaWarpGroups == 2 ? (kWideConsumers ? 240 : 232) : 160;
 
   using TileShapeQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kDQK>>;
   using TileShapePV = Shape<Int<kBlockM>, Int<kDV>, Int<kBlockN>>;
@@ -79,6 +84,10 @@ struct FwdTraits {
     array_aligned<Element, cosize_v<SmemLayoutV>, 1024> v;
     cutlass::arch::ClusterTransactionBarrier barrier_q_full;  // Q landed (TMA transaction count)
     cutlass::arch::ClusterBarrier barrier_q_empty;            // every consumer thread is done with Q
+    // The producer draws tile indices and hands them to the consumers through a 2-slot ring.
+    int tile_index[2];
+    cutlass::arch::ClusterBarrier tile_full[2];   // the producer wrote the slot
+    cutlass::arch::ClusterBarrier tile_empty[2];  // every consumer thread read it
     typename Pipeline::SharedStorage pipeline_k;
     typename Pipeline::SharedStorage pipeline_v;
   };

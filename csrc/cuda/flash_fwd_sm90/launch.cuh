@@ -58,13 +58,12 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   }
   int const num_tiles = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM * p.heads_q * p.batch;
   if (num_tiles == 0) return;
-  // Without a local mask every tile costs the same: a persistent grid (one CTA per SM) lets the
-  // producer load the next tile while the consumers finish this one (seqlen 512, hd128: 0.70x ->
-  // 0.82x cuDNN). Causal tiles range from 1 to seqlen/kBlockN key blocks, and a static round-robin
-  // over them left some SMs with twice the work (16k causal: 634 -> 420 TFLOP/s), so local masks
-  // get one CTA per tile and the hardware's first-free-SM scheduling of longest-first tiles.
-  bool const local = p.window_left >= 0 || p.window_right >= 0;
-  dim3 const grid(local ? num_tiles : std::min(num_tiles, num_sms));
+  // A persistent grid (one CTA per SM) lets the producer load the next tile while the consumers
+  // finish this one (seqlen 512, hd128: 0.70x -> 0.82x cuDNN against one CTA per tile). Causal
+  // tiles range from 1 to seqlen/kBlockN key blocks, and a static round-robin over them left some
+  // SMs with twice the work (16k causal: 634 -> 420 TFLOP/s), so CTAs draw tiles from a counter
+  // (p.tile_counter, zeroed by the caller on this stream).
+  dim3 const grid(std::min(num_tiles, num_sms));
   constexpr size_t kSmemBytes = sizeof(typename Traits::SharedStorage);
   auto kernel = &sm90::fwd_kernel<Traits>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);

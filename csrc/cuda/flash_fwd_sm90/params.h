@@ -39,6 +39,8 @@ struct FwdParams {
   float softmax_scale;
   float softcap;  // 0 = off
   int window_left, window_right;  // -1 = unbounded; causal is window_right = 0
+
+  int* tile_counter;  // one int of device workspace: the persistent CTAs draw their tiles from it
 };
 
 using FwdLauncher = void (*)(const FwdParams&, cudaStream_t);
