@@ -158,6 +158,27 @@ def test_decode_tiles_follow_waves(monkeypatch):
     assert triton_decode.decode_config(torch.bfloat16, 256, 256, 4, 7.8)["BLOCK_N"] == 32
 
 
+def test_wave_rule_asked_only_for_plain_contiguous_calls(monkeypatch):
+    """fwd_kvcache passes the unsplit grid's programs per SM (4 SMs off CUDA) to decode_config for
+    contiguous caches with or without appended keys, and 0 (the default tiles) for paged caches and
+    for rotary, where the wave rule's tiles measured slower."""
+    from flexattn_ops import triton_decode
+
+    asked: list[float] = []
+    real = triton_decode.decode_config
+
+    def spy(*args):
+        asked.append(args[4])
+        return real(*args)
+
+    monkeypatch.setattr(triton_decode, "decode_config", spy)
+    check(make_case(b=3, heads=(4, 2, 2), s_new=0))  # 3 batches x 2 kv groups x 1 row tile on 4 SMs
+    check(make_case(b=3, heads=(4, 2, 2)))
+    check(make_case(b=3, heads=(4, 2, 2), rotary_dim=8))
+    check(make_case(b=3, heads=(4, 2, 2), page=16))
+    assert asked == [1.5, 1.5, 0.0, 0.0]
+
+
 # ---------------------------------------------------------------------------------------------
 # combine
 
