@@ -33,6 +33,10 @@ _BIAS = AttnArgs._fields.index("attn_bias")
 _SINKS = AttnArgs._fields.index("sinks")
 
 
+# The Autograd kernel below receives the arguments as the dispatcher passes them, which drops trailing
+# ones equal to their schema defaults (custom_op's kernel put them back with fill_defaults): the shared
+# attention arguments must keep having no defaults.
+assert "=" not in ATTN_SCHEMA, "fwd's Autograd kernel expects every AttnArgs field to be passed"
 _LIB = torch.library.Library("flexattn", "FRAGMENT")
 _LIB.define(
     f"fwd(Tensor q, Tensor k, Tensor v, {ATTN_SCHEMA}) -> (Tensor, Tensor)", tags=(torch.Tag.pt2_compliant_tag,)
@@ -40,14 +44,15 @@ _LIB.define(
 _FWD = torch.ops.flexattn.fwd.default
 
 
-def fwd(q: Tensor, k: Tensor, v: Tensor, *args) -> tuple[Tensor, Tensor]:
-    """Attention forward: returns (out, softmax_lse). Shapes in `AttnArgs`."""
+def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, *args) -> tuple[Tensor, Tensor]:
+    """Attention forward: returns (out, softmax_lse). Shapes in `AttnArgs`. Call `torch.ops.flexattn.fwd`,
+    not this: it is the op's implementation below autograd."""
     a = AttnArgs(*args)
     check_attention(q, k, v, a)
     return dispatch.select("fwd", q, k, v, a).fwd(q, k, v, a)
 
 
-_LIB.impl("fwd", fwd, "CompositeExplicitAutograd")
+_LIB.impl("fwd", _fwd_impl, "CompositeExplicitAutograd")
 torch.library.register_fake("flexattn::fwd", fwd_fake, lib=_LIB)
 
 

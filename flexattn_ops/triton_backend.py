@@ -86,9 +86,8 @@ def _placeholder(q: Tensor, t: Optional[Tensor]) -> Tensor:
 
 
 def _rng(q: Tensor, a: AttnArgs) -> Tensor:
-    if a.dropout_p == 0:
-        return q  # never read without dropout
-    return a.rng_state if a.rng_state is not None else q.new_zeros(2, dtype=torch.int64)
+    """The dropout [seed, offset] tensor (validation requires it with dropout_p > 0); else q's pointer."""
+    return a.rng_state if a.dropout_p > 0 and a.rng_state is not None else q
 
 
 def _launch_opts(cfg: tuning.Config) -> dict:

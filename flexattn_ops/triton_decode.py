@@ -62,12 +62,17 @@ NO_SPLIT_FILL = 0.5
 # 4 per SM, always splitting, paged-256 ran 2845 / 2936 GB/s at b=16 kv 8k / b=64 kv 4k against 2442 / 2753
 # with the contiguous rule (1 split); b=1 kv 32k: 66 splits 2254, 33 splits 2376 (one sweep, one table).
 PAGED_PROGRAMS_PER_SM = 4
-# Unsplit contiguous decode grids larger than one wave of the default tiles (2 programs per SM): up to this
-# many programs per SM take 32-key tiles so that all are resident at once. H100, GQA 32/8, hd 128, cuDNN in
-# interleaved rounds (benchmarks/RESULTS_decode.md): b=64 kv 4k (3.9 per SM) 1.012x cuDNN with 32-key tiles
-# against 0.966x with the default; b=128 kv 2k (7.8 per SM) 1.002x with 128-key tiles against 0.986x.
-DEFAULT_TILE_WAVE = 2
-SMALL_TILE_WAVE = 4
+# Resident programs per SM on sm_90 at hd 128 bf16 (4 warps; registers and shared memory from an offline
+# sm_90a compile): the default 64-key / 3-stage tiles use 162 registers and 70 KB, so 3 fit an SM; 32-key /
+# 2-stage tiles 72 registers and 21 KB, so 7 fit. An unsplit contiguous grid of more than 3 programs per SM
+# runs the default tiles in waves, the last one partial: up to 7 per SM, 32-key tiles keep every program
+# resident; beyond, 128-key / 3-stage tiles (230 registers, 136 KB: 1 per SM) make each program one long
+# stream. Measured on the H100 in interleaved rounds against cuDNN (benchmarks/RESULTS_decode.md): b=64 kv 4k
+# (3.9 per SM) 1.012x with 32-key tiles against 0.966x with the default; b=128 kv 2k (7.8 per SM) 1.002x
+# with 128-key tiles against 0.986x. Other GPUs keep the default: fewer registers or less shared memory
+# per SM move both limits, and the 128-key tiles do not fit sm_86/89's 99 KB per block at all.
+DEFAULT_TILE_WAVE = 3
+SMALL_TILE_WAVE = 7
 
 
 # ---------------------------------------------------------------------------------------------
@@ -740,6 +745,18 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.cache
+def _wave_tiles_measured(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def wave_tiles_measured(device: torch.device) -> bool:
+    """Whether the wave rule's tiles (DEFAULT_TILE_WAVE) were measured on this GPU's kind: sm_90 only."""
+    if device.type != "cuda":
+        return False
+    return _wave_tiles_measured(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def decode_block_m(rows: int) -> int:
     """BLOCK_M for `rows` packed query rows: 16 (tl.dot's minimum) up to 64."""
     return min(64, max(16, triton.next_power_of_2(rows)))
@@ -752,10 +769,8 @@ def decode_config(dtype: torch.dtype, dqk: int, dv: int, rows: int, programs_per
 
     Decode is bound by reading K/V: BLOCK_M just covers the packed rows (16 = tl.dot's minimum holds a
     GQA group of up to 16 heads at sq = 1); BLOCK_N = 64 keys gives 16 KB K and 16 KB V tiles at hd 128
-    bf16, and 3 pipeline stages keep ~96 KB of loads in flight per program (an H100 SM has 228 KB), so
-    2 programs fit an SM. A grid of more than 2 programs per SM runs in waves, and a last partial wave
-    leaves SMs idle: up to SMALL_TILE_WAVE per SM, 32-key tiles in 2 stages (~33 KB each) keep every
-    program resident at once; beyond it, 128-key tiles in 3 stages make each program a long stream.
+    bf16, and 3 pipeline stages keep ~64 KB of loads in flight per program. Grids larger than one wave
+    of those take other tiles (DEFAULT_TILE_WAVE, SMALL_TILE_WAVE).
     """
     if tuning.interpreting():
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
@@ -822,11 +837,13 @@ def fwd_kvcache(
     if config is not None:
         cfg = dict(config)
     else:
-        # the wave rule was measured on plain and appending calls; with rotary, 128-key tiles halved
-        # the speed at b=128 (1430 against 2643 GB/s) and 32-key tiles cost 9% at b=64
+        # The wave rule was measured on plain and appending calls without asked-for splits; with rotary,
+        # 128-key tiles halved the speed at b=128 (1430 against 2643 GB/s) and 32-key tiles cost 9% at b=64.
         rotary = c.rotary_cos is not None and c.k is not None
-        unsplit = b * n_groups * triton.cdiv(rows, decode_block_m(rows))
-        cfg = decode_config(q.dtype, dqk, dv, rows, 0.0 if paged or rotary else unsplit / sm_count(q.device))
+        per_sm = 0.0
+        if not (paged or rotary or c.num_splits > 1) and wave_tiles_measured(q.device):
+            per_sm = b * n_groups * triton.cdiv(rows, decode_block_m(rows)) / sm_count(q.device)
+        cfg = decode_config(q.dtype, dqk, dv, rows, per_sm)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     m_tiles = max(1, triton.cdiv(rows, block_m))
     splits = cfg.get("num_splits") or choose_num_splits(
@@ -844,7 +861,7 @@ def fwd_kvcache(
         lse_p = q.new_empty((splits, b, hq, sq), dtype=torch.float32)
     else:
         out_p, lse_p = out, lse
-    dummy = q.new_empty(1, dtype=torch.int32)
+    dummy = q  # the pointer of every absent optional tensor: never read (its flag is off), nothing allocated
     knew = c.k if c.k is not None else k_cache
     vnew = c.v if c.v is not None else v_cache
     has_rotary = c.rotary_cos is not None and c.rotary_sin is not None and c.k is not None

@@ -142,26 +142,29 @@ def test_split_heuristic_uses_shapes_and_sm_count(monkeypatch):
 
 
 def test_decode_tiles_follow_waves(monkeypatch):
-    """Compiled-GPU tiles for GQA 32/8 hd 128 on 132 SMs: the default up to one wave of 2 programs per SM,
-    32-key tiles while all programs fit at 4 per SM, 128-key tiles beyond (RESULTS_decode.md); fp32 and
+    """Compiled-GPU tiles for GQA 32/8 hd 128 on 132 SMs: the default up to one wave of 3 programs per SM,
+    32-key tiles while all programs fit at 7 per SM, 128-key tiles beyond (RESULTS_decode.md); fp32 and
     wide heads keep their own tiles."""
     from flexattn_ops import triton_decode, triton_tuning
 
     monkeypatch.setattr(triton_tuning, "interpreting", lambda: False)
     tiles = [
         (c["BLOCK_M"], c["BLOCK_N"], c["num_stages"])
-        for c in (triton_decode.decode_config(torch.bfloat16, 128, 128, 4, b * 8 / 132) for b in (1, 16, 32, 64, 128))
+        for c in (
+            triton_decode.decode_config(torch.bfloat16, 128, 128, 4, b * 8 / 132) for b in (1, 16, 48, 64, 112, 128)
+        )
     ]
-    assert tiles == [(16, 64, 3), (16, 64, 3), (16, 64, 3), (16, 32, 2), (16, 128, 3)]
+    assert tiles == [(16, 64, 3), (16, 64, 3), (16, 64, 3), (16, 32, 2), (16, 32, 2), (16, 128, 3)]
     assert triton_decode.decode_config(torch.bfloat16, 128, 128, 4)["BLOCK_N"] == 64  # paged: no wave count
     assert triton_decode.decode_config(torch.float32, 128, 128, 4, 7.8)["BLOCK_N"] == 32
     assert triton_decode.decode_config(torch.bfloat16, 256, 256, 4, 7.8)["BLOCK_N"] == 32
 
 
 def test_wave_rule_asked_only_for_plain_contiguous_calls(monkeypatch):
-    """fwd_kvcache passes the unsplit grid's programs per SM (4 SMs off CUDA) to decode_config for
-    contiguous caches with or without appended keys, and 0 (the default tiles) for paged caches and
-    for rotary, where the wave rule's tiles measured slower."""
+    """On a GPU kind the wave rule was measured on, fwd_kvcache passes the unsplit grid's programs per SM
+    (4 SMs off CUDA) to decode_config for contiguous caches with or without appended keys, and 0 (the
+    default tiles) for paged caches, rotary (where the rule's tiles measured slower) and asked-for
+    splits; other GPUs always get 0."""
     from flexattn_ops import triton_decode
 
     asked: list[float] = []
@@ -172,11 +175,15 @@ def test_wave_rule_asked_only_for_plain_contiguous_calls(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(triton_decode, "decode_config", spy)
-    check(make_case(b=3, heads=(4, 2, 2), s_new=0))  # 3 batches x 2 kv groups x 1 row tile on 4 SMs
+    plain = dict(b=3, heads=(4, 2, 2), s_new=0)  # 3 batches x 2 kv groups x 1 row tile on 4 SMs
+    check(make_case(**plain))
+    monkeypatch.setattr(triton_decode, "wave_tiles_measured", lambda device: True)
+    check(make_case(**plain))
     check(make_case(b=3, heads=(4, 2, 2)))
     check(make_case(b=3, heads=(4, 2, 2), rotary_dim=8))
     check(make_case(b=3, heads=(4, 2, 2), page=16))
-    assert asked == [1.5, 1.5, 0.0, 0.0]
+    check(make_case(**plain, num_splits=2))
+    assert asked == [0.0, 1.5, 1.5, 0.0, 0.0, 0.0]
 
 
 # ---------------------------------------------------------------------------------------------
