@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.library import custom_op
 
 from flexattn_ops import dispatch
@@ -132,7 +133,12 @@ class _FwdFunction(torch.autograd.Function):
 
 
 def _fwd_autograd(keys, q: Tensor, k: Tensor, v: Tensor, *args):
-    """fwd's Autograd kernel: records the backward only when some input needs a gradient."""
+    """fwd's Autograd kernel: records the backward only when some input needs a gradient. Forward-mode
+    AD (dual tensors) has no formula here and would silently get a zero tangent: it raises instead."""
+    if forward_ad._current_level >= 0 and any(
+        isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in (q, k, v, *args)
+    ):
+        raise NotImplementedError("flexattn attention has no forward-mode derivative (jvp); use reverse mode")
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (q, k, v, *args)):
         return _FwdFunction.apply(q, k, v, *args, keys)
     with torch._C._AutoDispatchBelowAutograd():

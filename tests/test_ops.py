@@ -86,3 +86,17 @@ def test_fwd_output_strides_match_fake():
             fout, flse = torch.ops.flexattn.fwd(fq, fk, fv, *a)
         assert out.stride() == fout.stride() and lse.stride() == flse.stride(), layout
         assert out.is_contiguous() and lse.is_contiguous()
+
+
+def test_forward_mode_ad_raises():
+    """fwd has no jvp: a dual input raises instead of silently getting a zero tangent; inside a dual level,
+    inputs without tangents still run."""
+    import torch.autograd.forward_ad as fwd_ad
+
+    from flexattn_ops import flash_attn_func
+
+    q, k, v = (torch.randn(1, 5, 2, 8) for _ in range(3))
+    with fwd_ad.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode"):
+            flash_attn_func(fwd_ad.make_dual(q, torch.randn_like(q)), k, v)
+        assert flash_attn_func(q, k, v).shape == q.shape  # no tangent: runs (and raised nothing above)
