@@ -28,14 +28,18 @@ struct TileScheduler {
   }
 };
 
-// A position in the 2-slot ring through which the producer hands tile indices to the consumers:
-// uses so far; the slot alternates and its barriers' phase flips every second use. (One counter
-// rather than slot and phase: the consumers' loop is one register short of spilling.)
-struct RingPos {
+// Uses of a ring of kSlots shared-memory buffers, each with its own full/empty barriers: the slot of
+// the current use and the phase of that slot's barriers (it flips every kSlots uses). One counter
+// rather than slot and phase: the producer thread runs on 24 - 32 registers.
+template <int kSlots>
+struct SlotCounter {
   int uses = 0;
-  __device__ int slot() const { return uses & 1; }
-  __device__ int phase() const { return (uses >> 1) & 1; }
+  __device__ int slot() const { return uses % kSlots; }
+  __device__ int phase() const { return (uses / kSlots) & 1; }
   __device__ void advance() { ++uses; }
 };
+
+// The 2-slot ring through which the producer hands tile indices to the consumers.
+using RingPos = SlotCounter<2>;
 
 }  // namespace flexattn

@@ -107,8 +107,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
   pipe_params.transaction_bytes = Traits::kTmaBytesV;
   Pipeline pipeline_v(smem.pipeline_v, pipe_params, Shape<_1, _1, _1>{});
   if (threadIdx.x == 0) {
-    smem.barrier_q_full.init(1);
-    smem.barrier_q_empty.init(Traits::kNumMmaThreads);
+    for (int stage = 0; stage < Traits::kQStages; ++stage) {
+      smem.barrier_q_full[stage].init(1);
+      smem.barrier_q_empty[stage].init(Traits::kNumMmaThreads);
+    }
     for (int slot = 0; slot < 2; ++slot) {
       smem.tile_full[slot].init(1);
       smem.tile_empty[slot].init(Traits::kNumMmaThreads);
@@ -138,7 +140,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
     Tensor mK = kp.tma_k.get_tma_tensor(make_shape(p.rows_k, p.dqk, p.heads_k, batch_extent));
     Tensor mV = kp.tma_v.get_tma_tensor(make_shape(p.rows_k, p.dv, p.heads_v, batch_extent));
     PipelineState write = cutlass::make_producer_start_state<Pipeline>();
-    int q_phase = 0;
+    SlotCounter<Traits::kQStages> q_slot;
     RingPos ring;
     // The next tile is drawn after this one's loads are issued: the producer then waits for free
     // K/V stages anyway, and the index is not live through the load loop (the producer thread runs
@@ -171,11 +173,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
       // K first: its first tile is needed before Q's last use by the previous tile has finished.
       pipeline_k.producer_acquire(write);
       copy(kp.tma_k.with(*pipeline_k.producer_get_barrier(write), 0), tKgK(_, n_max - 1), tKsK(_, write.index()));
-      smem.barrier_q_empty.wait(q_phase ^ 1);  // the consumers are done with the previous Q
-      smem.barrier_q_full.arrive_and_expect_tx(Traits::kTmaBytesQ);
-      copy(kp.tma_q.with(reinterpret_cast<cutlass::arch::ClusterTransactionBarrier::ValueType&>(smem.barrier_q_full), 0),
-           tQgQ, tQsQ);
-      q_phase ^= 1;
+      // the consumers are done with the Q last loaded into this buffer (kQStages tiles ago)
+      smem.barrier_q_empty[q_slot.slot()].wait(q_slot.phase() ^ 1);
+      auto& q_full = smem.barrier_q_full[q_slot.slot()];
+      q_full.arrive_and_expect_tx(Traits::kTmaBytesQ);
+      copy(kp.tma_q.with(reinterpret_cast<cutlass::arch::ClusterTransactionBarrier::ValueType&>(q_full), 0), tQgQ,
+           tQsQ(_, q_slot.slot()));
+      q_slot.advance();
       for (int n_block = n_max - 1; n_block >= n_min; --n_block) {
         if (n_block != n_max - 1) {
           pipeline_k.producer_acquire(write);
@@ -194,7 +198,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
     typename Traits::TiledMmaPV tiled_mma_pv;
     auto thr_qk = tiled_mma_qk.get_thread_slice(mma_tidx);
     auto thr_pv = tiled_mma_pv.get_thread_slice(mma_tidx);
-    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);
+    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K, Q buffer)
     Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
     Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
     Tensor coords_s = thr_qk.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileShapeQK{})));
@@ -214,7 +218,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
     if (consumer == kConsumers - 1) pass_turn();
 
     PipelineState read_k, read_v;
-    int q_phase = 0;
+    SlotCounter<Traits::kQStages> q_slot;
     for (RingPos ring;; ring.advance()) {
       smem.tile_full[ring.slot()].wait(ring.phase());
       asm volatile("" ::: "memory");
@@ -242,8 +246,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
       };
 
       if (n_min < n_max) {
-        smem.barrier_q_full.wait(q_phase);
-        q_phase ^= 1;
+        int const q_buf = q_slot.slot();
+        smem.barrier_q_full[q_buf].wait(q_slot.phase());
+        q_slot.advance();
         // The first P V of a tile reads key block n_max - 1. When its rows past seqlen_k come from
         // memory (varlen: the next sequence or padding; seqused_k: unused cache slots) rather than
         // TMA's zero fill, P is 0 there but 0 * NaN is not: zero those V rows in shared memory first.
@@ -263,7 +268,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
         auto acc_s = partition_fragment_C(tiled_mma_qk, select<0, 1>(typename Traits::TileShapeQK{}));
         pipeline_k.consumer_wait(read_k);
         wait_turn();
-        wgmma_gemm<true, false, 0>(tiled_mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), acc_s);
+        wgmma_gemm<true, false, 0>(tiled_mma_qk, tSrQ(_, _, _, q_buf), tSrK(_, _, _, read_k.index()), acc_s);
         pass_turn();
         pipeline_k.consumer_release(read_k);
         ++read_k;
@@ -277,7 +282,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
         for (int n_block = n_max - 2; n_block >= n_min; --n_block) {
           pipeline_k.consumer_wait(read_k);
           wait_turn();
-          wgmma_gemm<true, false, -1>(tiled_mma_qk, tSrQ, tSrK(_, _, _, read_k.index()), acc_s);
+          wgmma_gemm<true, false, -1>(tiled_mma_qk, tSrQ(_, _, _, q_buf), tSrK(_, _, _, read_k.index()), acc_s);
           softmax.rescale_o(acc_o_rc);
           pipeline_v.consumer_wait(read_v);
           wgmma_gemm<false, true, -1>(tiled_mma_pv, probs_a, tOrV(_, _, _, read_v.index()), acc_o);
@@ -291,7 +296,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
           ++read_v;
           probs = convert_fragment<Element>(acc_s);
         }
-        smem.barrier_q_empty.arrive();  // the last S = Q K^T of this tile has completed
+        smem.barrier_q_empty[q_buf].arrive();  // the last S = Q K^T of this tile has completed
         softmax.rescale_o(acc_o_rc);
         pipeline_v.consumer_wait(read_v);
         wgmma_gemm<false, true, 0>(tiled_mma_pv, probs_a, tOrV(_, _, _, read_v.index()), acc_o);

@@ -68,7 +68,14 @@ struct FwdTraits {
 
   template <int kRows, int kCols>
   using SmemAtom = decltype(cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kRows>, Int<kCols>>());
-  using SmemLayoutQ = decltype(tile_to_shape(SmemAtom<kBlockM, kDQK>{}, Shape<Int<kBlockM>, Int<kDQK>>{}));
+  // Q is double-buffered where shared memory allows, so the producer loads the next tile's Q while the
+  // consumers still use this one (at seqlen 512 a tile has 3 - 4 key blocks, and a Q load that waits for
+  // the last Q K^T of the previous tile sat at every tile's start). It does not fit beside hd128's
+  // 176-key tiles (208 + 32 KB) nor dv >= 192.
+  static constexpr int kSmemBytesKV = kStages * kBlockN * (kDQK + kDV) * int(sizeof(Element));
+  static constexpr int kSmemBytesQ = kBlockM * kDQK * int(sizeof(Element));
+  static constexpr int kQStages = 2 * kSmemBytesQ + kSmemBytesKV + 2048 <= 227 * 1024 ? 2 : 1;
+  using SmemLayoutQ = decltype(tile_to_shape(SmemAtom<kBlockM, kDQK>{}, Shape<Int<kBlockM>, Int<kDQK>, Int<kQStages>>{}));
   using SmemLayoutK = decltype(tile_to_shape(SmemAtom<kBlockN, kDQK>{}, Shape<Int<kBlockN>, Int<kDQK>, Int<kStages>>{}));
   using SmemLayoutV = decltype(tile_to_shape(SmemAtom<kBlockN, kDV>{}, Shape<Int<kBlockN>, Int<kDV>, Int<kStages>>{}));
   // V^T as the MN-major B operand of P @ V: the same bytes, (dv, n, stage) coordinates.
@@ -82,8 +89,8 @@ struct FwdTraits {
     array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
     array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     array_aligned<Element, cosize_v<SmemLayoutV>, 1024> v;
-    cutlass::arch::ClusterTransactionBarrier barrier_q_full;  // Q landed (TMA transaction count)
-    cutlass::arch::ClusterBarrier barrier_q_empty;            // every consumer thread is done with Q
+    cutlass::arch::ClusterTransactionBarrier barrier_q_full[kQStages];  // Q landed (TMA transaction count)
+    cutlass::arch::ClusterBarrier barrier_q_empty[kQStages];            // every consumer thread is done with Q
     // The producer draws tile indices and hands them to the consumers through a 2-slot ring.
     int tile_index[2];
     cutlass::arch::ClusterBarrier tile_full[2];   // the producer wrote the slot
@@ -96,12 +103,13 @@ struct FwdTraits {
   using GmemShape = Shape<int32_t, int32_t, int32_t, int32_t>;
   using GmemStride = Stride<int64_t, _1, int64_t, int64_t>;
   using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemShape{}, GmemStride{}));
-  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{}, Shape<Int<kBlockM>, Int<kDQK>>{}, _1{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutQ{}),
+                                      Shape<Int<kBlockM>, Int<kDQK>>{}, _1{}));
   using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutK{}),
                                       Shape<Int<kBlockN>, Int<kDQK>>{}, _1{}));
   using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutV{}),
                                       Shape<Int<kBlockN>, Int<kDV>>{}, _1{}));
-  static constexpr uint32_t kTmaBytesQ = size(SmemLayoutQ{}) * sizeof(Element);
+  static constexpr uint32_t kTmaBytesQ = size(take<0, 2>(SmemLayoutQ{})) * sizeof(Element);
   static constexpr uint32_t kTmaBytesK = size(take<0, 2>(SmemLayoutK{})) * sizeof(Element);
   static constexpr uint32_t kTmaBytesV = size(take<0, 2>(SmemLayoutV{})) * sizeof(Element);
 };

@@ -44,7 +44,8 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
                                       varlen ? 0 : p.v_batch_stride);
   sm90::KernelParams<Traits> const kp{
       p,
-      make_tma_copy(SM90_TMA_LOAD{}, mQ, typename Traits::SmemLayoutQ{}, Shape<Int<Traits::kBlockM>, Int<kDQK>>{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, mQ, take<0, 2>(typename Traits::SmemLayoutQ{}), Shape<Int<Traits::kBlockM>, Int<kDQK>>{},
+                    _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, mK, take<0, 2>(typename Traits::SmemLayoutK{}),
                     Shape<Int<Traits::kBlockN>, Int<kDQK>>{}, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, mV, take<0, 2>(typename Traits::SmemLayoutV{}),
@@ -65,6 +66,7 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   // (p.tile_counter, zeroed by the caller on this stream).
   dim3 const grid(std::min(num_tiles, num_sms));
   constexpr size_t kSmemBytes = sizeof(typename Traits::SharedStorage);
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA on SM90 is 227 KB");
   auto kernel = &sm90::fwd_kernel<Traits>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   kernel<<<grid, Traits::kNumThreads, kSmemBytes, stream>>>(kp);
