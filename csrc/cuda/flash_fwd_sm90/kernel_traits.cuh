@@ -3,7 +3,7 @@
 //
 // One CTA = a producer warpgroup (warpgroup 0 issues the TMA loads) and kBlockM / 64 consumer
 // warpgroups owning 64 query rows each (2 for 128-row blocks, 3 for hd64's 192). Shared memory holds
-// Q once and kStages tiles of K and V.
+// kQStages tiles of Q (two where they fit) and kStages tiles of K and V.
 #pragma once
 
 #include <cute/tensor.hpp>
