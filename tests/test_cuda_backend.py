@@ -708,6 +708,41 @@ def test_gpu_varlen(dtype, heads, dims, kwargs, used, pad):
     check_varlen_gpu(dtype, heads, dims, kwargs, used=used, pad=pad)
 
 
+def _many_tiles_cases():
+    from tests.triton_cases import Case
+
+    def case(*args, **kwargs):
+        return Case(*args, check_grads=False, **kwargs)
+
+    return [
+        pytest.param(case(2, 2048, 2048, 16, 16, 16, 64, 64, BF16), id="hd64-352-tiles-two-q-buffers"),
+        pytest.param(case(2, 2048, 2048, 16, 4, 4, 128, 128, BF16, causal=True), id="hd128-causal-512-tiles-two-q"),
+        pytest.param(case(2, 2048, 2048, 16, 16, 16, 128, 128, F16), id="hd128-512-tiles-one-q-buffer"),
+        pytest.param(case(2, 1536, 1536, 16, 8, 8, 128, 256, BF16, window=(300, 40)), id="128x256-384-tiles-window"),
+    ]
+
+
+@gpu
+@pytest.mark.usefixtures("on_cuda")
+@pytest.mark.parametrize("case", _many_tiles_cases())
+def test_gpu_many_tiles_per_cta(case):
+    """More tiles than 2 x 132 SMs, so persistent CTAs run 3 or more tiles: the tile ring's and the Q
+    buffers' slots are reused and their barrier phases flip (the grid above mostly has <= 132 tiles)."""
+    from tests.triton_cases import check_case
+
+    check_case(case, "cuda", expect_backend="cuda")
+
+
+@gpu
+@pytest.mark.usefixtures("on_cuda")
+def test_gpu_varlen_empty_sequences_between_many_tiles():
+    """7 packed sequences (lengths 0 - 1000) x 16 heads at hd64: 672 tiles, many of them empty and skipped
+    by both the producer and the consumers of the CTA that draws them."""
+    from tests.test_triton_gpu import check_varlen_gpu
+
+    check_varlen_gpu(BF16, (16, 4, 4), (64, 64), {}, used=None, pad=0)
+
+
 @gpu
 @pytest.mark.usefixtures("on_cuda")
 def test_gpu_bitwise_identical_20_runs():

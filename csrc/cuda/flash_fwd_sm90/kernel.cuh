@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
   // The CTA loops over tiles (a persistent grid of one CTA per SM): the producer draws each next
   // tile (TileScheduler::next), passes its index to the consumers through the ring, and loads its
   // Q, K and V while the consumers still finish the current one. Both sides walk the same tiles and
-  // skip the same empty ones, so their pipeline states and Q phases stay in step. An index past the
+  // skip the same empty ones, so their pipeline states and Q buffer counters stay in step. An index past the
   // last tile ends both loops. (The asm memory clobbers keep the compiler from moving the index's
   // shared-memory store or load across the barrier instructions, which declare none.)
   if (warp_group == 0) {
@@ -170,7 +170,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
       auto [tKgK, tKsK] = tma_partition(kp.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
       auto [tVgV, tVsV] = tma_partition(kp.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
 
-      // K first: its first tile is needed before Q's last use by the previous tile has finished.
+      // K first: with one Q buffer, Q waits for the previous tile's last Q K^T, and the consumers need
+      // this tile's first K tile as soon as Q lands.
       pipeline_k.producer_acquire(write);
       copy(kp.tma_k.with(*pipeline_k.producer_get_barrier(write), 0), tKgK(_, n_max - 1), tKsK(_, write.index()));
       // the consumers are done with the Q last loaded into this buffer (kQStages tiles ago)

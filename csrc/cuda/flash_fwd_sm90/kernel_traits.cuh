@@ -71,7 +71,7 @@ struct FwdTraits {
   // Q is double-buffered where shared memory allows, so the producer loads the next tile's Q while the
   // consumers still use this one (at seqlen 512 a tile has 3 - 4 key blocks, and a Q load that waits for
   // the last Q K^T of the previous tile sat at every tile's start). It does not fit beside hd128's
-  // 176-key tiles (208 + 32 KB) nor dv >= 192.
+  // 176-key tiles (208 + 32 KB) nor with dqk >= 192 ((192, 128), (192, 192), (256, 256)).
   static constexpr int kSmemBytesKV = kStages * kBlockN * (kDQK + kDV) * int(sizeof(Element));
   static constexpr int kSmemBytesQ = kBlockM * kDQK * int(sizeof(Element));
   static constexpr int kQStages = 2 * kSmemBytesQ + kSmemBytesKV + 2048 <= 227 * 1024 ? 2 : 1;
