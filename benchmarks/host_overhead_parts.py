@@ -8,12 +8,13 @@ Usage (on the device): python benchmarks/host_overhead_parts.py
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
+import sys
 
 os.environ.setdefault("FLEXATTN_BACKEND", "triton")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from profile_host_overhead import wall_us  # noqa: E402
 from torch.library import Library, custom_op  # noqa: E402
 
 from flexattn_ops import dispatch, triton_backend  # noqa: E402
@@ -21,17 +22,6 @@ from flexattn_ops.params import ATTN_SCHEMA, AttnArgs  # noqa: E402
 from flexattn_ops.validation import check_attention  # noqa: E402
 
 N = 1000
-
-
-def per_call_us(fn: Callable[[], object]) -> float:
-    for _ in range(30):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(N):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / N * 1e6
 
 
 def _empty(q, k, v, *args):
@@ -76,7 +66,7 @@ def main() -> None:
         ),
     }
     for name, fn in rows.items():
-        print(f"{per_call_us(fn):8.1f} us  {name}")
+        print(f"{wall_us(fn, N):8.1f} us  {name}")
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
 
 

@@ -19,15 +19,16 @@ from flexattn_ops import flash_attn_func, flash_attn_with_kvcache
 N = 200
 
 
-def wall_us(fn: Callable[[], object]) -> float:
+def wall_us(fn: Callable[[], object], n: int = N) -> float:
+    """Microseconds a call of `fn`: wall time over `n` calls with one synchronisation at the end."""
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(N):
+    for _ in range(n):
         fn()
     torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / N * 1e6
+    return (time.perf_counter() - t0) / n * 1e6
 
 
 def graph_us(fn: Callable[[], object]) -> float:

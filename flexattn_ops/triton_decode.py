@@ -734,27 +734,26 @@ def combine_kernel(
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def _cuda_properties(device: torch.device):
+    """`device`'s properties (cached per device: querying the driver costs microseconds a call)."""
+    return _properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def sm_count(device: torch.device) -> int:
-    """Multiprocessors of `device` (cached per device; no synchronisation); 4 off CUDA (the interpreter)."""
-    if device.type != "cuda":
-        return 4
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _wave_tiles_measured(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) == (9, 0)
+    """Multiprocessors of `device` (no synchronisation); 4 off CUDA (the interpreter)."""
+    return _cuda_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def wave_tiles_measured(device: torch.device) -> bool:
     """Whether the wave rule's tiles (DEFAULT_TILE_WAVE) were measured on this GPU's kind: sm_90 only."""
     if device.type != "cuda":
         return False
-    return _wave_tiles_measured(device.index if device.index is not None else torch.cuda.current_device())
+    props = _cuda_properties(device)
+    return (props.major, props.minor) == (9, 0)
 
 
 def decode_block_m(rows: int) -> int:
@@ -834,20 +833,20 @@ def fwd_kvcache(
     group = math.gcd(hq // hk, hq // hv)
     rows = group * sq
     n_groups = hq // group
+    has_rotary = c.rotary_cos is not None and c.rotary_sin is not None and c.k is not None
     if config is not None:
         cfg = dict(config)
     else:
         # The wave rule was measured on plain and appending calls without asked-for splits; with rotary,
         # 128-key tiles halved the speed at b=128 (1430 against 2643 GB/s) and 32-key tiles cost 9% at b=64.
-        rotary = c.rotary_cos is not None and c.k is not None
         per_sm = 0.0
-        if not (paged or rotary or c.num_splits > 1) and wave_tiles_measured(q.device):
+        if not (paged or has_rotary or c.num_splits > 1) and wave_tiles_measured(q.device):
             per_sm = b * n_groups * triton.cdiv(rows, decode_block_m(rows)) / sm_count(q.device)
         cfg = decode_config(q.dtype, dqk, dv, rows, per_sm)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     m_tiles = max(1, triton.cdiv(rows, block_m))
     splits = cfg.get("num_splits") or choose_num_splits(
-        c.num_splits, b * n_groups * m_tiles, cache_len, block_n, q.device, paged=c.block_table is not None
+        c.num_splits, b * n_groups * m_tiles, cache_len, block_n, q.device, paged=paged
     )
     precision = tuning.dot_precision(q.dtype)
     # "upcast" kernels write float32 and the host rounds (to nearest, unlike the interpreter's conversion)
@@ -864,7 +863,6 @@ def fwd_kvcache(
     dummy = q  # the pointer of every absent optional tensor: never read (its flag is off), nothing allocated
     knew = c.k if c.k is not None else k_cache
     vnew = c.v if c.v is not None else v_cache
-    has_rotary = c.rotary_cos is not None and c.rotary_sin is not None and c.k is not None
     cos = c.rotary_cos if has_rotary else q
     sin = c.rotary_sin if has_rotary else q
     bt = c.block_table if c.block_table is not None else dummy
