@@ -1,51 +1,60 @@
-"""Per-kernel GPU time of our Triton forward+backward (torch.profiler), to see where short sequences lose.
+"""Per-kernel GPU time of forward+backward (torch.profiler), ours beside compiled FlexAttention, to see
+which kernel loses where.
 
-Usage: python benchmarks/profile_triton.py [--shapes 64x512,128x2048]  (head dim x seqlen; bf16, grid batch/heads)
+Usage: python benchmarks/profile_triton.py [--shapes 64x512,128x2048] [--causal 0|1] [--impls triton,flex]
+(head dim x seqlen; bf16, the benchmark grid's batch and heads; the implementations are bench_attention's).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
 import torch
 
-os.environ["FLEXATTN_BACKEND"] = "triton"
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import flexattn_ops  # noqa: E402,F401
-from flexattn_ops.params import AttnArgs  # noqa: E402
+from bench_attention import flex_fn, ours_fn  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="64x512,128x512,128x2048")
     ap.add_argument("--causal", type=int, default=0)
+    ap.add_argument("--impls", default="triton,flex")
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
     for spec in args.shapes.split(","):
         d, s = (int(x) for x in spec.split("x"))
         h, b = 2048 // d, max(1, 16384 // s)
-        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        a = AttnArgs(softmax_scale=1 / math.sqrt(d), window_right=0 if args.causal else -1)
-        g = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+        causal = bool(args.causal)
+        # (b, h, s, d), as bench_attention passes them
+        q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        flops = 3.5 * 2 * b * h * s * s * 2 * d / (2 if causal else 1)
+        for impl in args.impls.split(","):
+            fn = flex_fn(causal, s) if impl == "flex" else ours_fn(causal, impl)
+            g = torch.randn_like(fn(q, k, v))  # ours returns (b, s, h, d), Flex (b, h, s, d)
 
-        def step(q=q, k=k, v=v, a=a, g=g):
-            out, _ = torch.ops.flexattn.fwd(q, k, v, *a)
-            out.backward(g)
+            def step(fn=fn, q=q, k=k, v=v, g=g):
+                fn(q, k, v).backward(g)
 
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
+            for _ in range(5):
                 step()
             torch.cuda.synchronize()
-        print(f"== d={d} s={s} b={b} h={h} causal={args.causal}: per step (10 steps)")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=40))
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    step()
+                torch.cuda.synchronize()
+            events = [e for e in prof.key_averages() if e.device_time_total > 0]
+            total_us = sum(e.self_device_time_total for e in events) / 10
+            print(
+                f"== {impl} d={d} s={s} b={b} h={h} causal={int(causal)}: {total_us:.0f} us GPU per step, "
+                f"{flops / total_us / 1e6:.0f} TFLOP/s of GPU time"
+            )
+            for e in sorted(events, key=lambda e: -e.self_device_time_total)[:6]:
+                print(f"   {e.self_device_time_total / 10:9.1f} us  x{e.count // 10:<3d} {e.key[:90]}")
 
 
 if __name__ == "__main__":

@@ -365,13 +365,18 @@ def bwd(
         if dbias4 is not None:
             assert a.attn_bias is not None
             dbias = dbias4.reshape(a.attn_bias.shape).to(a.attn_bias.dtype)
-            return _as(dq, q), _as(dk, k), _as(dv, v), dbias, _cast(dsink, a)
-    return _as(dq, q), _as(dk, k), _as(dv, v), None, _cast(dsink, a)
+            return _grad_as(dq, q), _grad_as(dk, k), _grad_as(dv, v), dbias, _cast(dsink, a)
+    return _grad_as(dq, q), _grad_as(dk, k), _grad_as(dv, v), None, _cast(dsink, a)
 
 
 def _as(x: Tensor, like: Tensor) -> Tensor:
-    """x in like's dtype, contiguous: the layout the fakes promise for every output."""
+    """x in like's dtype, contiguous: the layout fwd's fake promises for out."""
     return x.to(like.dtype).contiguous()
+
+
+def _grad_as(x: Tensor, like: Tensor) -> Tensor:
+    """x as like's gradient: like's dtype and the layout torch.empty_like(like) has (bwd's fake)."""
+    return torch.empty_like(like).copy_(x)
 
 
 def _cast(dsink: Optional[Tensor], a: AttnArgs) -> Optional[Tensor]:

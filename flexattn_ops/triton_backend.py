@@ -286,14 +286,13 @@ def bwd(
     seqs = _seqs(q, k, a)
     b, sq, sk = seqs.batch, seqs.sq, seqs.sk
     lse = lse.contiguous()  # (b, hq, sq) or (hq, total_q) row-major is what the kernels index
-    dq = q.new_empty(q.shape, dtype=_store_dtype(q.dtype))
+    # gradients in their input's layout (empty_like: a permuted-dense input's strides), as bwd's fake says
+    dq = torch.empty_like(q, dtype=_store_dtype(q.dtype))
     want_dbias = bias_requires_grad and a.attn_bias is not None
     if q.numel() == 0 or k.numel() == 0:
-        dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         dbias = torch.zeros(a.attn_bias.shape, dtype=a.attn_bias.dtype, device=q.device) if want_dbias else None
         dsink = torch.zeros(a.sinks.shape, dtype=a.sinks.dtype, device=q.device) if a.sinks is not None else None
-        dk0 = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
-        return dq, dk0, torch.zeros(v.shape, dtype=v.dtype, device=v.device), dbias, dsink
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias, dsink
     c = _common(q, a)
     bias4, bstr = _bias4(a)
     bias_arg = _placeholder(q, bias4)
@@ -330,10 +329,14 @@ def bwd(
         rows: tuple[int, ...] = (b, a.block_table.shape[1] * k.shape[1])
     else:
         rows = tuple(k.shape[:-2])
-    alloc = torch.zeros if a.is_varlen else torch.empty
-    f32 = not grouped or paged
-    dk_buf = alloc((*rows, n_groups, dqk), dtype=torch.float32 if f32 else _store_dtype(k.dtype), device=q.device)
-    dv_buf = alloc((*rows, n_groups, dv), dtype=torch.float32 if f32 else _store_dtype(v.dtype), device=q.device)
+    if grouped and not paged:  # the kernel writes dk, dv themselves
+        alloc_like = torch.zeros_like if a.is_varlen else torch.empty_like
+        dk_buf = alloc_like(k, dtype=_store_dtype(k.dtype))
+        dv_buf = alloc_like(v, dtype=_store_dtype(v.dtype))
+    else:
+        alloc = torch.zeros if a.is_varlen else torch.empty
+        dk_buf = alloc((*rows, n_groups, dqk), dtype=torch.float32, device=q.device)
+        dv_buf = alloc((*rows, n_groups, dv), dtype=torch.float32, device=q.device)
 
     def launch_dkdv(cfg: tuning.Config) -> None:
         attn_bwd_dkdv_kernel[(max(1, triton.cdiv(sk, cfg["BLOCK_N"])), b * n_groups)](
@@ -396,7 +399,10 @@ def bwd(
     if paged:
         assert a.block_table is not None
         dk, dvv = _sum_pages(dk, k, a.block_table), _sum_pages(dvv, v, a.block_table)
-    dk, dvv = dk.to(k.dtype), dvv.to(v.dtype)
+    if grouped and not paged:
+        dk, dvv = dk.to(k.dtype), dvv.to(v.dtype)  # strides kept: no copy unless "upcast" stored float32
+    else:
+        dk, dvv = torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dvv)
 
     dbias_full = torch.zeros((b, hq, sq, sk), dtype=torch.float32, device=q.device) if want_dbias else None
     n_seq = b + 1 if a.is_varlen else b  # varlen: sequence `batch` zeroes dq past cu_seqlens_q[-1]

@@ -2,7 +2,8 @@
 
 Installed as `flexattn_ops.meta`. Importable with no GPU and no compiled extension. Each fake
 validates its inputs with the same checks as the real kernels (so a bad call fails while
-tracing) and returns exactly the (contiguous) strides the real kernels return.
+tracing) and returns exactly the strides the real kernels return: contiguous outputs, and gradients
+in the layout of their inputs (`torch.empty_like`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def bwd_fake(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
         else q.new_empty(0)
     )
     dsink = q.new_empty(a.sinks.shape, dtype=a.sinks.dtype) if a.sinks is not None else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, dsink
+    # gradients take their input's layout (torch.empty_like: a permuted-dense input's strides, else contiguous),
+    # so autograd accumulates them into .grad without a strided copy
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias, dsink
 
 
 def fwd_kvcache_fake(q: Tensor, k_cache: Tensor, v_cache: Tensor, *args) -> tuple[Tensor, Tensor]:

@@ -88,6 +88,25 @@ def test_fwd_output_strides_match_fake():
         assert out.is_contiguous() and lse.is_contiguous()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bwd_grad_strides_match_fake(layout):
+    """Gradients come back in their input's layout (a permuted input's strides, so autograd accumulates them
+    into .grad without a strided copy; contiguous for a sliced input), and the fake says so."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = (layouts(x, layout) for x in rand_qkv(2, 5, 9, 4, 2, 2, 16, 8, torch.float32))
+    a = AttnArgs(softmax_scale=0.25)
+    out, lse = torch.ops.flexattn.fwd(q, k, v, *a)
+    dout = torch.randn_like(out)
+    grads = torch.ops.flexattn.bwd(dout, q, k, v, out, lse, *a, False)[:3]
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(x) for x in (dout, q, k, v, out, lse)]
+        fake_grads = torch.ops.flexattn.bwd(*fake, *a, False)[:3]
+    for grad, fake_grad, x in zip(grads, fake_grads, (q, k, v), strict=True):
+        assert grad.stride() == fake_grad.stride() == torch.empty_like(x).stride(), layout
+        assert grad.is_contiguous() == (layout != "permuted")
+
+
 def test_forward_mode_ad_raises():
     """fwd has no jvp: a dual input raises instead of silently getting a zero tangent; inside a dual level,
     inputs without tangents still run."""
