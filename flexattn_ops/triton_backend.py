@@ -19,7 +19,7 @@ from torch import Tensor
 from flexattn_ops import triton_tuning as tuning
 from flexattn_ops.params import AttnArgs
 from flexattn_ops.reference import dropout_threshold
-from flexattn_ops.triton_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, bwd_preprocess_kernel
+from flexattn_ops.triton_bwd import attn_bwd_kernel, bwd_preprocess_kernel
 from flexattn_ops.triton_decode import combine, fwd_kvcache  # noqa: F401  (the KV-cache ops, triton_decode.py)
 from flexattn_ops.triton_decode import unsupported as _decode_unsupported
 from flexattn_ops.triton_fwd import attn_fwd_kernel, attn_probs_kernel
@@ -268,6 +268,12 @@ def probs(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> Tensor:
     return p
 
 
+def _fusable(a: AttnArgs, kv_cfg: tuning.Config, q_cfg: tuning.Config) -> bool:
+    """One launch for the dK/dV and dQ programs ("both") when the two tuned configs compile alike (same
+    warps and stages) and the inputs are dense (varlen keeps the dQ padding rows' extra sequence)."""
+    return not a.is_varlen and _launch_opts(kv_cfg) == _launch_opts(q_cfg)
+
+
 def bwd(
     dout: Tensor,
     q: Tensor,
@@ -338,60 +344,64 @@ def bwd(
         dk_buf = alloc((*rows, n_groups, dqk), dtype=torch.float32, device=q.device)
         dv_buf = alloc((*rows, n_groups, dv), dtype=torch.float32, device=q.device)
 
-    def launch_dkdv(cfg: tuning.Config) -> None:
-        attn_bwd_dkdv_kernel[(max(1, triton.cdiv(sk, cfg["BLOCK_N"])), b * n_groups)](
-            q,
-            k,
-            v,
-            dout,
-            lse,
-            delta,
-            dk_buf,
-            dv_buf,
-            bias_arg,
-            alibi_arg,
-            rng,
+    dbias_full = torch.zeros((b, hq, sq, sk), dtype=torch.float32, device=q.device) if want_dbias else None
+    n_seq = b + 1 if a.is_varlen else b  # varlen: sequence `batch` zeroes dq past cu_seqlens_q[-1]
+    tensors = (q, k, v, dout, lse, delta, dq, dk_buf, dv_buf, _placeholder(q, dbias_full), bias_arg, alibi_arg, rng)
+    strides = (
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(dout),
+        *_strides(dq),
+        *_strides(dk_buf),
+        *_strides(dv_buf),
+        *bstr,
+        c["stride_ab"],
+    )
+    scalars = (hq, n_groups, group, hq // hk, hq // hv, sq, sk, c["sm_scale"], c["softcap"])
+    scalars += (c["window_left"], c["window_right"], c["drop_threshold"], drop_rescale)
+    flags = {
+        "DQK": dqk,
+        "DV": dv,
+        "BLOCK_DQK": tuning.pad_dim(dqk),
+        "BLOCK_DV": tuning.pad_dim(dv),
+        **{f: c[f] for f in ("HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_BIAS", "HAS_DROPOUT")},
+        "HAS_DBIAS": want_dbias,
+        "PRECISION": c["PRECISION"],
+    }
+
+    def launch(part: str, grid: tuple[int, int], kv_cfg: tuning.Config, q_cfg: tuning.Config, key_block: int) -> None:
+        attn_bwd_kernel[grid](
+            *tensors,
             *seqs.args,
-            *_strides(q),
-            *_strides(k),
-            *_strides(v),
-            *_strides(dout),
-            *_strides(dk_buf),
-            *_strides(dv_buf),
-            *bstr,
-            c["stride_ab"],
-            hq,
-            n_groups,
-            group,
-            hq // hk,
-            hq // hv,
-            sq,
-            sk,
-            c["sm_scale"],
-            c["softcap"],
-            c["window_left"],
-            c["window_right"],
-            c["drop_threshold"],
-            drop_rescale,
-            DQK=dqk,
-            DV=dv,
-            BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_DQK=tuning.pad_dim(dqk),
-            BLOCK_DV=tuning.pad_dim(dv),
-            HAS_LEFT=c["HAS_LEFT"],
-            HAS_RIGHT=c["HAS_RIGHT"],
-            HAS_SOFTCAP=c["HAS_SOFTCAP"],
-            HAS_ALIBI=c["HAS_ALIBI"],
-            HAS_BIAS=c["HAS_BIAS"],
-            HAS_DROPOUT=c["HAS_DROPOUT"],
-            PRECISION=c["PRECISION"],
-            **seqs.key_flags(cfg["BLOCK_N"]),
-            **_launch_opts(cfg),
+            *strides,
+            *scalars,
+            grid[0] - triton.cdiv(sq, q_cfg["BLOCK_M"]) * group if part == "both" else 0,  # n_key_tiles
+            DKDV_BLOCK_M=kv_cfg["BLOCK_M"],
+            DKDV_BLOCK_N=kv_cfg["BLOCK_N"],
+            DQ_BLOCK_M=q_cfg["BLOCK_M"],
+            DQ_BLOCK_N=q_cfg["BLOCK_N"],
+            PART=part,
+            **flags,
+            **seqs.key_flags(key_block),
+            **_launch_opts(kv_cfg),
         )
 
+    def launch_dkdv(cfg: tuning.Config) -> None:
+        launch("dkdv", (max(1, triton.cdiv(sk, cfg["BLOCK_N"])), b * n_groups), cfg, cfg, cfg["BLOCK_N"])
+
+    def launch_dq(cfg: tuning.Config) -> None:
+        launch("dq", (max(1, triton.cdiv(sq, cfg["BLOCK_M"])), n_seq * hq), cfg, cfg, cfg["BLOCK_N"])
+
     seqlen = max(sq, sk)
-    launch_dkdv(tuning.get_config("dkdv", q.device, q.dtype, dqk, dv, a.is_causal, launch_dkdv, seqlen))
+    kv_cfg = tuning.get_config("dkdv", q.device, q.dtype, dqk, dv, a.is_causal, launch_dkdv, seqlen)
+    q_cfg = tuning.get_config("dq", q.device, q.dtype, dqk, dv, a.is_causal, launch_dq, seqlen)
+    if _fusable(a, kv_cfg, q_cfg):
+        grid = (triton.cdiv(sk, kv_cfg["BLOCK_N"]) + triton.cdiv(sq, q_cfg["BLOCK_M"]) * group, b * n_groups)
+        launch("both", grid, kv_cfg, q_cfg, kv_cfg["BLOCK_N"])
+    else:
+        launch_dkdv(kv_cfg)
+        launch_dq(q_cfg)
     # deterministic reduction over the query heads reading each k / v head, then over the sequences
     # sharing each page
     dk = dk_buf if grouped else dk_buf.view(*rows, hk, hq // hk, dqk).sum(-2)
@@ -403,61 +413,6 @@ def bwd(
         dk, dvv = dk.to(k.dtype), dvv.to(v.dtype)  # strides kept: no copy unless "upcast" stored float32
     else:
         dk, dvv = torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dvv)
-
-    dbias_full = torch.zeros((b, hq, sq, sk), dtype=torch.float32, device=q.device) if want_dbias else None
-    n_seq = b + 1 if a.is_varlen else b  # varlen: sequence `batch` zeroes dq past cu_seqlens_q[-1]
-
-    def launch_dq(cfg: tuning.Config) -> None:
-        attn_bwd_dq_kernel[(max(1, triton.cdiv(sq, cfg["BLOCK_M"])), n_seq * hq)](
-            q,
-            k,
-            v,
-            dout,
-            lse,
-            delta,
-            dq,
-            _placeholder(q, dbias_full),
-            bias_arg,
-            alibi_arg,
-            rng,
-            *seqs.args,
-            *_strides(q),
-            *_strides(k),
-            *_strides(v),
-            *_strides(dout),
-            *_strides(dq),
-            *bstr,
-            c["stride_ab"],
-            hq,
-            hq // hk,
-            hq // hv,
-            sq,
-            sk,
-            c["sm_scale"],
-            c["softcap"],
-            c["window_left"],
-            c["window_right"],
-            c["drop_threshold"],
-            drop_rescale,
-            DQK=dqk,
-            DV=dv,
-            BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_DQK=tuning.pad_dim(dqk),
-            BLOCK_DV=tuning.pad_dim(dv),
-            HAS_LEFT=c["HAS_LEFT"],
-            HAS_RIGHT=c["HAS_RIGHT"],
-            HAS_SOFTCAP=c["HAS_SOFTCAP"],
-            HAS_ALIBI=c["HAS_ALIBI"],
-            HAS_BIAS=c["HAS_BIAS"],
-            HAS_DBIAS=want_dbias,
-            HAS_DROPOUT=c["HAS_DROPOUT"],
-            PRECISION=c["PRECISION"],
-            **seqs.key_flags(cfg["BLOCK_N"]),
-            **_launch_opts(cfg),
-        )
-
-    launch_dq(tuning.get_config("dq", q.device, q.dtype, dqk, dv, a.is_causal, launch_dq, seqlen))
 
     dbias = None
     if want_dbias:

@@ -1,16 +1,18 @@
 """Triton backward kernels for dense and varlen attention: deterministic by construction (no atomics).
 
-Three launches:
 1. `bwd_preprocess_kernel`: delta = rowsum(dO * O) (b, hq, sq) float32.
-2. `attn_bwd_dkdv_kernel`: one program owns a (BLOCK_N) key tile of one (batch, kv-head group) and
-   loops over the query tiles that see it (and over the query heads of its group), accumulating
-   dK and dV in registers: every dK/dV element is written once, by one program.
-3. `attn_bwd_dq_kernel`: one program owns a (BLOCK_M) query tile and loops over the key tiles it
-   sees, accumulating dQ; with a bias that needs its gradient it also stores dS (= dbias before
-   the broadcast reduction, which the host does with a torch sum).
-Both main kernels recompute P from (q, k, lse), so the backward costs 7 tile matmuls per tile pair
+2. `attn_bwd_kernel` runs two kinds of programs:
+   - dK/dV (`_dkdv_program`): one program owns a (BLOCK_N) key tile of one (batch, kv-head group) and
+     loops over the query tiles that see it (and over the query heads of its group), accumulating
+     dK and dV in registers: every dK/dV element is written once, by one program.
+   - dQ (`_dq_program`): one program owns a (BLOCK_M) query tile and loops over the key tiles it
+     sees, accumulating dQ; with a bias that needs its gradient it also stores dS (= dbias before
+     the broadcast reduction, which the host does with a torch sum).
+   Dense inputs run both kinds in one launch when their tuned configs compile alike (PART "both");
+   otherwise, and for varlen, one launch each.
+Both kinds recompute P from (q, k, lse), so the backward costs 7 tile matmuls per tile pair
 instead of FlashAttention-2's 5 with atomics; that is the price of bitwise reproducibility.
-Varlen runs the same kernels per sequence (VARLEN / PAGED / PAGE_TILE_ALIGNED constexprs, as the
+Varlen runs the same programs per sequence (VARLEN / PAGED / PAGE_TILE_ALIGNED constexprs, as the
 forward: K/V pages looked up once per key tile when the page size is a multiple of BLOCK_N); a paged
 cache's dK/dV go to per-(sequence, slot) rows (contiguous, no page lookup) that the host sums onto the
 pages they came from.
@@ -176,8 +178,10 @@ def _dkdv_inner(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["sq", "sk", "total_q", "window_left", "window_right", "drop_threshold"])
-def attn_bwd_dkdv_kernel(
+@triton.jit
+def _dkdv_program(
+    pid_n,
+    pid_bg,
     Q,
     K,
     V,
@@ -250,7 +254,8 @@ def attn_bwd_dkdv_kernel(
     HAS_SEQUSED: tl.constexpr,
     PAGE_TILE_ALIGNED: tl.constexpr,
 ):
-    """Grid (cdiv(sk, BLOCK_N), b * n_groups). Program (n, b, g) sums over query heads g*group .. g*group+group-1.
+    """dK/dV of key tile pid_n (BLOCK_N keys) of (batch, group) pid_bg = b * n_groups + g: sums over query
+    heads g*group .. g*group+group-1.
 
     With hk == hv the groups are the kv heads (group = hq // hk) and DK/DV are the real (b, sk, hk, d)
     gradients; otherwise group = 1 and DK/DV are per-query-head float32 buffers the host reduces.
@@ -259,8 +264,6 @@ def attn_bwd_dkdv_kernel(
     that the host sums onto the pages. Rows a program does not own (keys past seqused_k or
     cu_seqlens_k[-1], unused slots) are never written: the host zero-fills DK/DV for varlen.
     """
-    pid_n = tl.program_id(0)
-    pid_bg = tl.program_id(1)
     b = pid_bg // n_groups
     g_idx = pid_bg % n_groups
     n0 = pid_n * BLOCK_N
@@ -574,8 +577,11 @@ def _dq_inner(
     return dq
 
 
-@triton.jit(do_not_specialize=["sq", "sk", "total_q", "window_left", "window_right", "drop_threshold"])
-def attn_bwd_dq_kernel(
+@triton.jit
+def _dq_program(
+    pid_m,
+    pid_bh,
+    pad_seq,
     Q,
     K,
     V,
@@ -644,18 +650,17 @@ def attn_bwd_dq_kernel(
     HAS_SEQUSED: tl.constexpr,
     PAGE_TILE_ALIGNED: tl.constexpr,
 ):
-    """Grid (cdiv(sq, BLOCK_M), b * hq). DQ (b, sq, hq, dqk); DBias (b, hq, sq, sk) float32 when HAS_DBIAS.
+    """dQ of query tile pid_m (BLOCK_M rows) of (batch, head) pid_bh = b * hq + h. DQ (b, sq, hq, dqk);
+    DBias (b, hq, sq, sk) float32 when HAS_DBIAS.
 
-    VARLEN: grid and layouts as attn_fwd_kernel (DQ (total_q, hq, dqk)); programs of the extra
-    sequence b = batch write dq 0 for the rows past cu_seqlens_q[-1].
+    VARLEN: layouts as attn_fwd_kernel (DQ (total_q, hq, dqk)); programs of the extra sequence
+    b = pad_seq (= batch) write dq 0 for the rows past cu_seqlens_q[-1].
     """
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
     b = pid_bh // hq
     h = pid_bh % hq
     m0 = pid_m * BLOCK_M
     if VARLEN:
-        if b == tl.num_programs(1) // hq - 1:
+        if b == pad_seq:
             pad0 = tl.load(CuQ + b)
             fill_rows(DQ + h * stride_dqh, stride_dqs, pad0, total_q, 0.0, BLOCK_M, DQK, BLOCK_DQK)
             return
@@ -872,3 +877,403 @@ def attn_bwd_dq_kernel(
         dq.to(DQ.dtype.element_ty),
         mask=row_ok & (dim_mask(offs_dk, DQK, BLOCK_DQK)),
     )
+
+
+@triton.jit(do_not_specialize=["sq", "sk", "total_q", "window_left", "window_right", "drop_threshold", "n_key_tiles"])
+def attn_bwd_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    DK,
+    DV_out,
+    DBias,
+    Bias,
+    Alibi,
+    Rng,
+    CuQ,
+    CuK,
+    SeqUsed,
+    Table,
+    stride_tb,
+    page_size,
+    total_q,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_dob,
+    stride_dos,
+    stride_doh,
+    stride_dqb,
+    stride_dqs,
+    stride_dqh,
+    stride_dkb,
+    stride_dks,
+    stride_dkh,
+    stride_dvb,
+    stride_dvs,
+    stride_dvh,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_ab,
+    hq,
+    n_groups,
+    group,
+    q_per_k,
+    q_per_v,
+    sq,
+    sk,
+    sm_scale,
+    softcap,
+    window_left,
+    window_right,
+    drop_threshold,
+    drop_rescale,
+    n_key_tiles,
+    DQK: tl.constexpr,
+    DV: tl.constexpr,
+    DKDV_BLOCK_M: tl.constexpr,
+    DKDV_BLOCK_N: tl.constexpr,
+    DQ_BLOCK_M: tl.constexpr,
+    DQ_BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DBIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
+    PAGED: tl.constexpr,
+    HAS_SEQUSED: tl.constexpr,
+    PAGE_TILE_ALIGNED: tl.constexpr,
+    PART: tl.constexpr,
+):
+    """The dK/dV and dQ programs, launched by PART (a constexpr, so each launch compiles one part's code alone):
+
+    - "dkdv": grid (cdiv(sk, DKDV_BLOCK_N), b * n_groups), one program per key tile of a (batch, group);
+    - "dq": grid (cdiv(sq, DQ_BLOCK_M), n_seq * hq), one program per query tile of a (batch, head), the
+      costliest (last) tiles first; varlen has n_seq = batch + 1 (the padding rows' sequence);
+    - "both" (dense only): grid (n_key_tiles + cdiv(sq, DQ_BLOCK_M) * group, b * n_groups). Each
+      (batch, group) row runs its dK/dV programs, then the dQ programs of its query heads: adjacent in
+      launch order, so both read Q, K, V and dO while they are in L2 instead of each part streaming them
+      from DRAM (at seqlen 512 those reads cost as much as a third of the backward's matmuls).
+    """
+    if PART == "dkdv":
+        _dkdv_program(
+            tl.program_id(0),
+            tl.program_id(1),
+            Q,
+            K,
+            V,
+            DO,
+            Lse,
+            Delta,
+            DK,
+            DV_out,
+            Bias,
+            Alibi,
+            Rng,
+            CuQ,
+            CuK,
+            SeqUsed,
+            Table,
+            stride_tb,
+            page_size,
+            total_q,
+            stride_qb,
+            stride_qs,
+            stride_qh,
+            stride_kb,
+            stride_ks,
+            stride_kh,
+            stride_vb,
+            stride_vs,
+            stride_vh,
+            stride_dob,
+            stride_dos,
+            stride_doh,
+            stride_dkb,
+            stride_dks,
+            stride_dkh,
+            stride_dvb,
+            stride_dvs,
+            stride_dvh,
+            stride_bb,
+            stride_bh,
+            stride_bm,
+            stride_bn,
+            stride_ab,
+            hq,
+            n_groups,
+            group,
+            q_per_k,
+            q_per_v,
+            sq,
+            sk,
+            sm_scale,
+            softcap,
+            window_left,
+            window_right,
+            drop_threshold,
+            drop_rescale,
+            DQK,
+            DV,
+            DKDV_BLOCK_M,
+            DKDV_BLOCK_N,
+            BLOCK_DQK,
+            BLOCK_DV,
+            HAS_LEFT,
+            HAS_RIGHT,
+            HAS_SOFTCAP,
+            HAS_ALIBI,
+            HAS_BIAS,
+            HAS_DROPOUT,
+            PRECISION,
+            VARLEN,
+            PAGED,
+            HAS_SEQUSED,
+            PAGE_TILE_ALIGNED,
+        )
+    elif PART == "dq":
+        _dq_program(
+            tl.num_programs(0) - 1 - tl.program_id(0),
+            tl.program_id(1),
+            tl.num_programs(1) // hq - 1,
+            Q,
+            K,
+            V,
+            DO,
+            Lse,
+            Delta,
+            DQ,
+            DBias,
+            Bias,
+            Alibi,
+            Rng,
+            CuQ,
+            CuK,
+            SeqUsed,
+            Table,
+            stride_tb,
+            page_size,
+            total_q,
+            stride_qb,
+            stride_qs,
+            stride_qh,
+            stride_kb,
+            stride_ks,
+            stride_kh,
+            stride_vb,
+            stride_vs,
+            stride_vh,
+            stride_dob,
+            stride_dos,
+            stride_doh,
+            stride_dqb,
+            stride_dqs,
+            stride_dqh,
+            stride_bb,
+            stride_bh,
+            stride_bm,
+            stride_bn,
+            stride_ab,
+            hq,
+            q_per_k,
+            q_per_v,
+            sq,
+            sk,
+            sm_scale,
+            softcap,
+            window_left,
+            window_right,
+            drop_threshold,
+            drop_rescale,
+            DQK,
+            DV,
+            DQ_BLOCK_M,
+            DQ_BLOCK_N,
+            BLOCK_DQK,
+            BLOCK_DV,
+            HAS_LEFT,
+            HAS_RIGHT,
+            HAS_SOFTCAP,
+            HAS_ALIBI,
+            HAS_BIAS,
+            HAS_DBIAS,
+            HAS_DROPOUT,
+            PRECISION,
+            VARLEN,
+            PAGED,
+            HAS_SEQUSED,
+            PAGE_TILE_ALIGNED,
+        )
+    else:
+        pid = tl.program_id(0)
+        pid_bg = tl.program_id(1)
+        if pid < n_key_tiles:
+            _dkdv_program(
+                pid,
+                pid_bg,
+                Q,
+                K,
+                V,
+                DO,
+                Lse,
+                Delta,
+                DK,
+                DV_out,
+                Bias,
+                Alibi,
+                Rng,
+                CuQ,
+                CuK,
+                SeqUsed,
+                Table,
+                stride_tb,
+                page_size,
+                total_q,
+                stride_qb,
+                stride_qs,
+                stride_qh,
+                stride_kb,
+                stride_ks,
+                stride_kh,
+                stride_vb,
+                stride_vs,
+                stride_vh,
+                stride_dob,
+                stride_dos,
+                stride_doh,
+                stride_dkb,
+                stride_dks,
+                stride_dkh,
+                stride_dvb,
+                stride_dvs,
+                stride_dvh,
+                stride_bb,
+                stride_bh,
+                stride_bm,
+                stride_bn,
+                stride_ab,
+                hq,
+                n_groups,
+                group,
+                q_per_k,
+                q_per_v,
+                sq,
+                sk,
+                sm_scale,
+                softcap,
+                window_left,
+                window_right,
+                drop_threshold,
+                drop_rescale,
+                DQK,
+                DV,
+                DKDV_BLOCK_M,
+                DKDV_BLOCK_N,
+                BLOCK_DQK,
+                BLOCK_DV,
+                HAS_LEFT,
+                HAS_RIGHT,
+                HAS_SOFTCAP,
+                HAS_ALIBI,
+                HAS_BIAS,
+                HAS_DROPOUT,
+                PRECISION,
+                VARLEN,
+                PAGED,
+                HAS_SEQUSED,
+                PAGE_TILE_ALIGNED,
+            )
+        else:
+            r = pid - n_key_tiles  # query tile r // group (costliest first) of head r % group in the group
+            n_q_tiles = (tl.num_programs(0) - n_key_tiles) // group
+            h = (pid_bg % n_groups) * group + r % group
+            _dq_program(
+                n_q_tiles - 1 - r // group,
+                (pid_bg // n_groups) * hq + h,
+                0,
+                Q,
+                K,
+                V,
+                DO,
+                Lse,
+                Delta,
+                DQ,
+                DBias,
+                Bias,
+                Alibi,
+                Rng,
+                CuQ,
+                CuK,
+                SeqUsed,
+                Table,
+                stride_tb,
+                page_size,
+                total_q,
+                stride_qb,
+                stride_qs,
+                stride_qh,
+                stride_kb,
+                stride_ks,
+                stride_kh,
+                stride_vb,
+                stride_vs,
+                stride_vh,
+                stride_dob,
+                stride_dos,
+                stride_doh,
+                stride_dqb,
+                stride_dqs,
+                stride_dqh,
+                stride_bb,
+                stride_bh,
+                stride_bm,
+                stride_bn,
+                stride_ab,
+                hq,
+                q_per_k,
+                q_per_v,
+                sq,
+                sk,
+                sm_scale,
+                softcap,
+                window_left,
+                window_right,
+                drop_threshold,
+                drop_rescale,
+                DQK,
+                DV,
+                DQ_BLOCK_M,
+                DQ_BLOCK_N,
+                BLOCK_DQK,
+                BLOCK_DV,
+                HAS_LEFT,
+                HAS_RIGHT,
+                HAS_SOFTCAP,
+                HAS_ALIBI,
+                HAS_BIAS,
+                HAS_DBIAS,
+                HAS_DROPOUT,
+                PRECISION,
+                VARLEN,
+                PAGED,
+                HAS_SEQUSED,
+                PAGE_TILE_ALIGNED,
+            )

@@ -85,6 +85,31 @@ def test_deterministic_bitwise() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "c",
+    [Case(hq=4, hk=2, hv=2, causal=True, sq=40, sk=33), Case(hq=4, hk=2, hv=1, d=24, dv=40, bias=(1, 4, 17, 33))],
+    ids=["gqa_causal", "hk_ne_hv_dbias"],
+)
+def test_one_launch_backward_equals_two(c: Case, monkeypatch) -> None:
+    """Dense backward runs the dK/dV and dQ programs in one launch; the two launches it takes otherwise (tuned
+    configs that compile differently, varlen) give bitwise the same gradients, dbias included."""
+    from flexattn_ops import triton_backend
+    from tests.triton_cases import attn_args, make_inputs, run_ours
+
+    q, k, v, slopes, bias, sinks, rng, dout = make_inputs(c, "cpu")
+    a = attn_args(c, slopes, bias, sinks, rng)
+    fusable = triton_backend._fusable
+    chosen = []
+    monkeypatch.setattr(triton_backend, "_fusable", lambda *args: chosen.append(fusable(*args)) or chosen[-1])
+    one = run_ours(q, k, v, a, dout, True)[2]
+    monkeypatch.setattr(triton_backend, "_fusable", lambda *args: chosen.append(False) or False)
+    two = run_ours(q, k, v, a, dout, True)[2]
+    assert chosen == [True, False]
+    assert len(one) == len(two) == (4 if bias is not None else 3)
+    for x, y in zip(one, two, strict=True):
+        assert torch.equal(x, y)
+
+
 def test_probs_match_reference_and_dropout_mask() -> None:
     from flexattn_ops import reference
     from tests.triton_cases import attn_args, dropout_mask, make_inputs
