@@ -1,7 +1,8 @@
 """Per-kernel GPU time of forward+backward (torch.profiler), ours beside compiled FlexAttention, to see
 which kernel loses where.
 
-Usage: python benchmarks/profile_triton.py [--shapes 64x512,128x2048] [--causal 0|1] [--impls triton,flex]
+Usage: python benchmarks/profile_triton.py [--shapes 64x512,128x2048] [--causal 0|1]
+[--impls triton,triton-split,flex]
 (head dim x seqlen; bf16, the benchmark grid's batch and heads; the implementations are bench_attention's).
 """
 
@@ -16,6 +17,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_attention import flex_fn, ours_fn  # noqa: E402
+
+from flexattn_ops import triton_backend  # noqa: E402
+
+_fusable = triton_backend._fusable
 
 
 def main() -> None:
@@ -34,7 +39,9 @@ def main() -> None:
         q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         flops = 3.5 * 2 * b * h * s * s * 2 * d / (2 if causal else 1)
         for impl in args.impls.split(","):
-            fn = flex_fn(causal, s) if impl == "flex" else ours_fn(causal, impl)
+            # "triton-split": the Triton backward in two launches (dK/dV, then dQ) instead of one, for an A/B
+            triton_backend._fusable = _fusable if impl != "triton-split" else lambda *args: False
+            fn = flex_fn(causal, s) if impl == "flex" else ours_fn(causal, impl.replace("-split", ""))
             g = torch.randn_like(fn(q, k, v))  # ours returns (b, s, h, d), Flex (b, h, s, d)
 
             def step(fn=fn, q=q, k=k, v=v, g=g):
@@ -55,6 +62,10 @@ def main() -> None:
             )
             for e in sorted(events, key=lambda e: -e.self_device_time_total)[:6]:
                 print(f"   {e.self_device_time_total / 10:9.1f} us  x{e.count // 10:<3d} {e.key[:90]}")
+
+    from flexattn_ops import triton_tuning
+
+    print("one-launch choices:", {k: v for k, v in triton_tuning.known_configs().items() if k.startswith("bwd|")})
 
 
 if __name__ == "__main__":

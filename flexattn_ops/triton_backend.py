@@ -269,8 +269,9 @@ def probs(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> Tensor:
 
 
 def _fusable(a: AttnArgs, kv_cfg: tuning.Config, q_cfg: tuning.Config) -> bool:
-    """One launch for the dK/dV and dQ programs ("both") when the two tuned configs compile alike (same
-    warps and stages) and the inputs are dense (varlen keeps the dQ padding rows' extra sequence)."""
+    """Whether the dK/dV and dQ programs can share a launch ("both"): the two configs compile alike (same
+    warps and stages) and the inputs are dense (varlen keeps the dQ padding rows' extra sequence). Whether
+    they do is the tuned "bwd" choice."""
     return not a.is_varlen and _launch_opts(kv_cfg) == _launch_opts(q_cfg)
 
 
@@ -396,12 +397,19 @@ def bwd(
     seqlen = max(sq, sk)
     kv_cfg = tuning.get_config("dkdv", q.device, q.dtype, dqk, dv, a.is_causal, launch_dkdv, seqlen)
     q_cfg = tuning.get_config("dq", q.device, q.dtype, dqk, dv, a.is_causal, launch_dq, seqlen)
+
+    def launch_parts(choice: tuning.Config) -> None:
+        if choice["one_launch"]:
+            grid = (triton.cdiv(sk, kv_cfg["BLOCK_N"]) + triton.cdiv(sq, q_cfg["BLOCK_M"]) * group, b * n_groups)
+            launch("both", grid, kv_cfg, q_cfg, kv_cfg["BLOCK_N"])
+        else:
+            launch_dkdv(kv_cfg)
+            launch_dq(q_cfg)
+
+    choice = {"one_launch": 0}
     if _fusable(a, kv_cfg, q_cfg):
-        grid = (triton.cdiv(sk, kv_cfg["BLOCK_N"]) + triton.cdiv(sq, q_cfg["BLOCK_M"]) * group, b * n_groups)
-        launch("both", grid, kv_cfg, q_cfg, kv_cfg["BLOCK_N"])
-    else:
-        launch_dkdv(kv_cfg)
-        launch_dq(q_cfg)
+        choice = tuning.get_config("bwd", q.device, q.dtype, dqk, dv, a.is_causal, launch_parts, seqlen)
+    launch_parts(choice)
     # deterministic reduction over the query heads reading each k / v head, then over the sequences
     # sharing each page
     dk = dk_buf if grouped else dk_buf.view(*rows, hk, hq // hk, dqk).sum(-2)
