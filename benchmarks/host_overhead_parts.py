@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from profile_host_overhead import wall_us  # noqa: E402
 from torch.library import Library, custom_op  # noqa: E402
 
-from flexattn_ops import dispatch, triton_backend  # noqa: E402
+from flexattn_ops import dispatch, ops, triton_backend  # noqa: E402
 from flexattn_ops.params import ATTN_SCHEMA, AttnArgs  # noqa: E402
 from flexattn_ops.validation import check_attention  # noqa: E402
 
@@ -65,6 +65,19 @@ def main() -> None:
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
         ),
     }
+    out, lse = torch.ops.flexattn.fwd.default(q, k, v, *a)
+    dout = torch.randn_like(out)
+    bwd_args = (dout, q, k, v, out, lse)
+    rows.update(
+        {
+            "triton_backend.bwd (launches only)": lambda: triton_backend.bwd(*bwd_args, a, False),
+            "bwd op's implementation (ops._bwd_impl)": lambda: ops._bwd_impl(*bwd_args, *a, False),
+            "torch.ops.flexattn.bwd": lambda: torch.ops.flexattn.bwd.default(*bwd_args, *a, False),
+            "fwd + bwd through autograd": lambda: torch.autograd.grad(
+                torch.ops.flexattn.fwd.default(qg, k, v, *a)[0], (qg,), dout
+            ),
+        }
+    )
     for name, fn in rows.items():
         print(f"{wall_us(fn, N):8.1f} us  {name}")
     print(torch.cuda.get_device_name(), "torch", torch.__version__)

@@ -4,12 +4,13 @@ Each real implementation validates, asks `dispatch` for a backend and calls it; 
 from `flexattn_ops.meta`. Compiled and exported graphs contain these ops, so their schemas are
 the stable contract (see `params.ATTN_SCHEMA` for the shared attention arguments).
 
-`fwd`, the op every training step calls with inputs that require grad, is registered with
-`torch.library` directly and carries its own Autograd kernel. `custom_op`'s generated one rebuilds
-the 19 schema arguments' defaults on every call (`fill_defaults`, quadratic in the argument count):
-on the H100 host (torch 2.11) that made a forward with q.requires_grad cost 368 us of host time
-against 186 us without grad (benchmarks/results/host_overhead_parts_h100.log). The other ops are
-off that path (bwd runs with grad disabled, combine has two arguments) and stay `custom_op`s.
+`fwd` and `bwd`, the ops every training step calls, are registered with `torch.library` directly and
+carry their own Autograd kernels. `custom_op`'s generated one rebuilds the 19 schema arguments'
+defaults on every call (`fill_defaults`, quadratic in the argument count): on the H100 host (torch
+2.11) that made a forward with q.requires_grad cost 368 us of host time against 186 us without grad
+(benchmarks/results/host_overhead_parts_h100.log), and custom_op's backend wrapper spent 420 us of
+its own time per bwd call inside a backward pass (cProfile, benchmarks/results/host_fwd_bwd_h100_s4.log).
+The other ops stay `custom_op`s.
 """
 
 from __future__ import annotations
@@ -57,17 +58,20 @@ _LIB.impl("fwd", _fwd_impl, "CompositeExplicitAutograd")
 torch.library.register_fake("flexattn::fwd", fwd_fake, lib=_LIB)
 
 
-@custom_op(
-    "flexattn::bwd",
-    mutates_args=(),
-    schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, {ATTN_SCHEMA}, "
+_LIB.define(
+    f"bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, {ATTN_SCHEMA}, "
     "bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    tags=(torch.Tag.pt2_compliant_tag,),
 )
-def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *args):
+_BWD = torch.ops.flexattn.bwd.default
+
+
+def _bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *args):
     """Attention backward from any (out, softmax_lse): returns (dq, dk, dv, dbias, dsink).
 
-    dbias has attn_bias's shape when `bias_requires_grad`, dsink the shape of sinks when given;
-    otherwise each is an empty (0,) tensor.
+    dq, dk, dv have the layouts of q, k, v (`torch.empty_like`); dbias has attn_bias's shape when
+    `bias_requires_grad`, dsink the shape of sinks when given; otherwise each is an empty (0,) tensor.
+    Call `torch.ops.flexattn.bwd`, not this: it is the op's implementation below autograd.
     """
     *attn, bias_requires_grad = args
     a = AttnArgs(*attn)
@@ -75,6 +79,20 @@ def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     check_backward(dout, q, v, out, lse, a)
     dq, dk, dv, dbias, dsink = dispatch.select("bwd", q, k, v, a).bwd(dout, q, k, v, out, lse, a, bias_requires_grad)
     return dq, dk, dv, q.new_empty(0) if dbias is None else dbias, q.new_empty(0) if dsink is None else dsink
+
+
+def _bwd_autograd(keys, *args):
+    """bwd's Autograd kernel: bwd has no derivative of its own (no double backward), so inputs that need
+    one raise, as custom_op's kernel did; otherwise straight to the implementation."""
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args):
+        raise NotImplementedError("flexattn bwd has no derivative: double backward is not supported")
+    with torch._C._AutoDispatchBelowAutograd():
+        return _BWD.redispatch(keys & torch._C._after_autograd_keyset, *args)
+
+
+_LIB.impl("bwd", _bwd_impl, "CompositeExplicitAutograd")
+_LIB.impl("bwd", _bwd_autograd, "Autograd", with_keyset=True)
+torch.library.register_fake("flexattn::bwd", bwd_fake, lib=_LIB)
 
 
 @custom_op("flexattn::probs", mutates_args=(), schema=f"(Tensor q, Tensor k, Tensor v, {ATTN_SCHEMA}) -> Tensor")
@@ -87,7 +105,6 @@ def probs(q: Tensor, k: Tensor, v: Tensor, *args) -> Tensor:
     return dispatch.select("probs", q, k, v, a).probs(q, k, v, a)
 
 
-bwd.register_fake(bwd_fake)
 probs.register_fake(probs_fake)
 
 

@@ -4,6 +4,9 @@ Device: NVIDIA H100 80GB HBM3, torch 2.11.0+cu130.
 """
 
 TUNED: dict[str, dict[str, int]] = {
+    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|causal|short": {"one_launch": 1},
+    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|full": {"one_launch": 0},
+    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|full|short": {"one_launch": 1},
     "dkdv|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|causal": {
         "BLOCK_M": 32,
         "BLOCK_N": 64,
@@ -23,7 +26,7 @@ TUNED: dict[str, dict[str, int]] = {
         "num_warps": 8,
     },
     "dkdv|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|full|short": {
-        "BLOCK_M": 64,
+        "BLOCK_M": 32,
         "BLOCK_N": 128,
         "num_stages": 3,
         "num_warps": 8,
@@ -341,10 +344,10 @@ TUNED: dict[str, dict[str, int]] = {
         "num_warps": 4,
     },
     "fwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|causal": {
-        "BLOCK_M": 128,
-        "BLOCK_N": 128,
+        "BLOCK_M": 64,
+        "BLOCK_N": 64,
         "num_stages": 3,
-        "num_warps": 8,
+        "num_warps": 4,
     },
     "fwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|causal|short": {
         "BLOCK_M": 64,

@@ -107,6 +107,17 @@ def test_bwd_grad_strides_match_fake(layout):
         assert grad.is_contiguous() == (layout != "permuted")
 
 
+def test_double_backward_raises():
+    """bwd has no derivative: a backward with create_graph=True raises instead of giving wrong second
+    derivatives; without it the same graph runs."""
+    q, k, v = (torch.randn(1, 5, 2, 8, requires_grad=True) for _ in range(3))
+    out, _ = torch.ops.flexattn.fwd(q, k, v, *AttnArgs(softmax_scale=0.3))
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(out.sum(), q, create_graph=True, retain_graph=True)
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    assert dq.shape == q.shape and torch.isfinite(dq).all()
+
+
 def test_forward_mode_ad_raises():
     """fwd has no jvp: a dual input raises instead of silently getting a zero tangent; inside a dual level,
     inputs without tangents still run."""
