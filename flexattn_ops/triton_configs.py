@@ -344,10 +344,10 @@ TUNED: dict[str, dict[str, int]] = {
         "num_warps": 4,
     },
     "fwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|causal": {
-        "BLOCK_M": 64,
-        "BLOCK_N": 64,
+        "BLOCK_M": 128,
+        "BLOCK_N": 128,
         "num_stages": 3,
-        "num_warps": 4,
+        "num_warps": 8,
     },
     "fwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|causal|short": {
         "BLOCK_M": 64,
