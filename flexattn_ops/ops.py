@@ -81,11 +81,25 @@ def _bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     return dq, dk, dv, q.new_empty(0) if dbias is None else dbias, q.new_empty(0) if dsink is None else dsink
 
 
-def _bwd_autograd(keys, *args):
-    """bwd's Autograd kernel: bwd has no derivative of its own (no double backward), so inputs that need
-    one raise, as custom_op's kernel did; otherwise straight to the implementation."""
-    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args):
+class _BwdFunction(torch.autograd.Function):
+    """bwd's outputs when its inputs need gradients (a backward with create_graph=True, or a direct call on
+    tensors that require grad): they carry a node that raises if differentiated, as custom_op's did."""
+
+    @staticmethod
+    def forward(ctx, *args_and_keys):
+        *args, keys = args_and_keys
+        with torch._C._AutoDispatchBelowAutograd():
+            return _BWD.redispatch(keys & torch._C._after_autograd_keyset, *args)
+
+    @staticmethod
+    def backward(ctx, *grads):
         raise NotImplementedError("flexattn bwd has no derivative: double backward is not supported")
+
+
+def _bwd_autograd(keys, *args):
+    """bwd's Autograd kernel: straight to the implementation unless some input needs a gradient."""
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args):
+        return _BwdFunction.apply(*args, keys)
     with torch._C._AutoDispatchBelowAutograd():
         return _BWD.redispatch(keys & torch._C._after_autograd_keyset, *args)
 
