@@ -1,10 +1,13 @@
 """Tune the Triton tiles for the benchmark grid's head-dim pairs and write the tuned table.
 
 1. Compile every candidate configuration in parallel worker processes (on small inputs, into
-   Triton's shared kernel cache), since compiling dominates tuning time (~2 s per kernel, 19
-   candidates x 3 kernels x 14 (pair, causal) keys).
+   Triton's shared kernel cache), since compiling dominates tuning time (~2 s per kernel, ~20
+   candidates x 3 kernels (fwd, dkdv, dq) x 14 (pair, causal) keys).
 2. In this process, time the candidates on a grid-sized problem (seqlen 4096, batch 4, heads 2048 /
-   min(dqk, dv)) through `triton_tuning.get_config` (the same path a user's first call takes).
+   min(dqk, dv)) through `triton_tuning.get_config` (the same path a user's first call takes); then the
+   backward's one-launch choice ("bwd") with the winning tiles, whose combined kernel compiles here.
+   Every kernel of a pair is retuned: compare the new table's entries with the old before keeping them
+   (session 4's retune moved a forward tile that then measured slower at long sequences).
 3. Write the winners to $OUT/triton_tuning.json and, as Python, $OUT/triton_configs.py (copied into
    the package as `flexattn_ops/triton_configs.py`, the tuned table `triton_tuning` reads first).
 

@@ -35,10 +35,10 @@ _BIAS = AttnArgs._fields.index("attn_bias")
 _SINKS = AttnArgs._fields.index("sinks")
 
 
-# The Autograd kernel below receives the arguments as the dispatcher passes them, which drops trailing
-# ones equal to their schema defaults (custom_op's kernel put them back with fill_defaults): the shared
-# attention arguments must keep having no defaults.
-assert "=" not in ATTN_SCHEMA, "fwd's Autograd kernel expects every AttnArgs field to be passed"
+# The Autograd kernels below (fwd's, bwd's) receive the arguments as the dispatcher passes them, which
+# drops trailing ones equal to their schema defaults (custom_op's kernel put them back with fill_defaults):
+# the shared attention arguments must keep having no defaults.
+assert "=" not in ATTN_SCHEMA, "fwd's and bwd's Autograd kernels expect every AttnArgs field to be passed"
 _LIB = torch.library.Library("flexattn", "FRAGMENT")
 _LIB.define(
     f"fwd(Tensor q, Tensor k, Tensor v, {ATTN_SCHEMA}) -> (Tensor, Tensor)", tags=(torch.Tag.pt2_compliant_tag,)

@@ -223,7 +223,8 @@ def _forward_core(
         rows = slice(i0, min(i0 + Q_BLOCK, sq))
         cols = idx.key_range(rows, a, k.shape[1])
         s, _, _ = _scores(qx[:, :, rows], kx[:, :, cols], idx.keys(cols), rows, a, _bias_cols(bias, cols))
-        m = s.amax(-1)
+        # no key at all (sk = 0): amax refuses an empty dim; the row max is -inf, so out 0 and lse -inf
+        m = s.amax(-1) if s.shape[-1] else s.new_full(s.shape[:-1], float("-inf"))
         if sink is not None:
             # padding tokens past the last sequence belong to no head's softmax: no sink, lse -inf
             row_sink = torch.where(idx.seq_q[:, None, rows] >= 0, sink, float("-inf"))
@@ -365,8 +366,8 @@ def bwd(
         if dbias4 is not None:
             assert a.attn_bias is not None
             dbias = dbias4.reshape(a.attn_bias.shape).to(a.attn_bias.dtype)
-            return _grad_as(dq, q), _grad_as(dk, k), _grad_as(dv, v), dbias, _cast(dsink, a)
-    return _grad_as(dq, q), _grad_as(dk, k), _grad_as(dv, v), None, _cast(dsink, a)
+            return as_grad_of(dq, q), as_grad_of(dk, k), as_grad_of(dv, v), dbias, _cast(dsink, a)
+    return as_grad_of(dq, q), as_grad_of(dk, k), as_grad_of(dv, v), None, _cast(dsink, a)
 
 
 def _as(x: Tensor, like: Tensor) -> Tensor:
@@ -374,8 +375,10 @@ def _as(x: Tensor, like: Tensor) -> Tensor:
     return x.to(like.dtype).contiguous()
 
 
-def _grad_as(x: Tensor, like: Tensor) -> Tensor:
-    """x as like's gradient: like's dtype and the layout torch.empty_like(like) has (bwd's fake)."""
+def as_grad_of(x: Tensor, like: Tensor) -> Tensor:
+    """x as like's gradient: like's dtype and the layout torch.empty_like(like) has, which every backend's
+    gradients and bwd's fake have (a permuted-dense input's strides, so autograd accumulates the gradient
+    into .grad without a strided copy; contiguous for a sliced input)."""
     return torch.empty_like(like).copy_(x)
 
 

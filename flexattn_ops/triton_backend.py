@@ -18,7 +18,7 @@ from torch import Tensor
 
 from flexattn_ops import triton_tuning as tuning
 from flexattn_ops.params import AttnArgs
-from flexattn_ops.reference import dropout_threshold
+from flexattn_ops.reference import as_grad_of, dropout_threshold
 from flexattn_ops.triton_bwd import attn_bwd_kernel, bwd_preprocess_kernel
 from flexattn_ops.triton_decode import combine, fwd_kvcache  # noqa: F401  (the KV-cache ops, triton_decode.py)
 from flexattn_ops.triton_decode import unsupported as _decode_unsupported
@@ -293,13 +293,13 @@ def bwd(
     seqs = _seqs(q, k, a)
     b, sq, sk = seqs.batch, seqs.sq, seqs.sk
     lse = lse.contiguous()  # (b, hq, sq) or (hq, total_q) row-major is what the kernels index
-    # gradients in their input's layout (empty_like: a permuted-dense input's strides), as bwd's fake says
-    dq = torch.empty_like(q, dtype=_store_dtype(q.dtype))
     want_dbias = bias_requires_grad and a.attn_bias is not None
     if q.numel() == 0 or k.numel() == 0:
         dbias = torch.zeros(a.attn_bias.shape, dtype=a.attn_bias.dtype, device=q.device) if want_dbias else None
         dsink = torch.zeros(a.sinks.shape, dtype=a.sinks.dtype, device=q.device) if a.sinks is not None else None
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias, dsink
+    # gradients in their input's layout (empty_like: a permuted-dense input's strides), as bwd's fake says
+    dq = torch.empty_like(q, dtype=_store_dtype(q.dtype))
     c = _common(q, a)
     bias4, bstr = _bias4(a)
     bias_arg = _placeholder(q, bias4)
@@ -336,7 +336,8 @@ def bwd(
         rows: tuple[int, ...] = (b, a.block_table.shape[1] * k.shape[1])
     else:
         rows = tuple(k.shape[:-2])
-    if grouped and not paged:  # the kernel writes dk, dv themselves
+    kernel_writes_dkdv = grouped and not paged  # otherwise float32 buffers, reduced here
+    if kernel_writes_dkdv:
         alloc_like = torch.zeros_like if a.is_varlen else torch.empty_like
         dk_buf = alloc_like(k, dtype=_store_dtype(k.dtype))
         dv_buf = alloc_like(v, dtype=_store_dtype(v.dtype))
@@ -371,13 +372,20 @@ def bwd(
         "PRECISION": c["PRECISION"],
     }
 
-    def launch(part: str, grid: tuple[int, int], kv_cfg: tuning.Config, q_cfg: tuning.Config, key_block: int) -> None:
+    def launch(
+        part: str,
+        grid: tuple[int, int],
+        kv_cfg: tuning.Config,
+        q_cfg: tuning.Config,
+        key_block: int,
+        n_key_tiles: int = 0,
+    ) -> None:
         attn_bwd_kernel[grid](
             *tensors,
             *seqs.args,
             *strides,
             *scalars,
-            grid[0] - triton.cdiv(sq, q_cfg["BLOCK_M"]) * group if part == "both" else 0,  # n_key_tiles
+            n_key_tiles,
             DKDV_BLOCK_M=kv_cfg["BLOCK_M"],
             DKDV_BLOCK_N=kv_cfg["BLOCK_N"],
             DQ_BLOCK_M=q_cfg["BLOCK_M"],
@@ -400,8 +408,9 @@ def bwd(
 
     def launch_parts(choice: tuning.Config) -> None:
         if choice["one_launch"]:
-            grid = (triton.cdiv(sk, kv_cfg["BLOCK_N"]) + triton.cdiv(sq, q_cfg["BLOCK_M"]) * group, b * n_groups)
-            launch("both", grid, kv_cfg, q_cfg, kv_cfg["BLOCK_N"])
+            n_key_tiles = triton.cdiv(sk, kv_cfg["BLOCK_N"])
+            grid = (n_key_tiles + triton.cdiv(sq, q_cfg["BLOCK_M"]) * group, b * n_groups)
+            launch("both", grid, kv_cfg, q_cfg, kv_cfg["BLOCK_N"], n_key_tiles)
         else:
             launch_dkdv(kv_cfg)
             launch_dq(q_cfg)
@@ -417,10 +426,10 @@ def bwd(
     if paged:
         assert a.block_table is not None
         dk, dvv = _sum_pages(dk, k, a.block_table), _sum_pages(dvv, v, a.block_table)
-    if grouped and not paged:
+    if kernel_writes_dkdv:
         dk, dvv = dk.to(k.dtype), dvv.to(v.dtype)  # strides kept: no copy unless "upcast" stored float32
     else:
-        dk, dvv = torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dvv)
+        dk, dvv = as_grad_of(dk, k), as_grad_of(dvv, v)
 
     dbias = None
     if want_dbias:

@@ -1,12 +1,25 @@
 """Tuned Triton tiles, written by benchmarks/tune_triton.py on a device run (do not edit by hand).
 
 Device: NVIDIA H100 80GB HBM3, torch 2.11.0+cu130.
+Entries that differ from what the last tune_triton.py run wrote (session 4, benchmarks/RESULTS.md): the causal hd128
+forward's long-sequence tile is the session-1 winner (the seqlen-4096 retune's 64 x 64 measured slower at
+8k / 16k), and the "bwd" choices of the keys that run did not retune come from that session's grid run
+(results/bwd_one_launch_choices_h100_s4.txt).
 """
 
 TUNED: dict[str, dict[str, int]] = {
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|causal|short": {"one_launch": 1},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|full": {"one_launch": 0},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|full|short": {"one_launch": 1},
+    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x256|causal": {"one_launch": 0},
+    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x256|full": {"one_launch": 0},
+    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|256x128|causal": {"one_launch": 0},
+    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|256x128|full": {"one_launch": 0},
+    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|32x64|causal": {"one_launch": 0},
+    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|64x128|causal": {"one_launch": 0},
+    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|64x128|full": {"one_launch": 0},
+    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|64x64|full": {"one_launch": 0},
+    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|64x64|full|short": {"one_launch": 0},
     "dkdv|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|causal": {
         "BLOCK_M": 32,
         "BLOCK_N": 64,

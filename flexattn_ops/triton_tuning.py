@@ -139,8 +139,8 @@ def candidates(kernel: str, dtype: torch.dtype, dqk: int, dv: int) -> list[Confi
         if width > 256:
             grid += [(64, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (64, 32, 4, 2), (16, 64, 4, 2)]
         else:
-            # 32 query rows under 8 warps: the only hd128 tiles that compile without spills for sm_90 (64 x 128
-            # spills 160 B per thread at 3 stages, 360 B at 2; benchmarks/compile_bwd_sm90.py)
+            # 32 query rows under 8 warps: at 3 stages the only hd128 tile that compiles without spills for sm_90
+            # (2 stages: 40 B per thread; 64 x 128: 160 B at 3 stages, 360 B at 2; benchmarks/compile_bwd_sm90.py)
             grid += [(128, 128, 8, 2), (64, 64, 8, 3), (32, 128, 8, 3), (32, 128, 8, 2)]
     else:
         grid = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3)]

@@ -138,6 +138,16 @@ def test_fully_masked_rows_are_zero_without_nan(sq, sk, kw):
         assert torch.equal(grads[0][:, :empty], torch.zeros_like(grads[0][:, :empty]))
 
 
+def test_no_keys_at_all():
+    """seqlen_k = 0: out 0, lse -inf and zero gradients (the reference used to fail on the empty row max)."""
+    q, k, v = rand_qkv(2, 5, 0, 2, 2, 2, 16, 8, torch.float32, requires_grad=True)
+    out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True)
+    assert out.shape == (2, 5, 2, 8) and torch.equal(out, torch.zeros_like(out))
+    assert torch.isneginf(lse).all()
+    (dq,) = torch.autograd.grad(out, q, torch.randn_like(out))
+    assert torch.equal(dq, torch.zeros_like(dq))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dropout_matches_oracle_with_the_same_mask(dtype):
     p = 0.3
