@@ -6,12 +6,14 @@
 2. In this process, time the candidates on a grid-sized problem (seqlen 4096, batch 4, heads 2048 /
    min(dqk, dv)) through `triton_tuning.get_config` (the same path a user's first call takes); then the
    backward's one-launch choice ("bwd") with the winning tiles, whose combined kernel compiles here.
-   Every kernel of a pair is retuned: compare the new table's entries with the old before keeping them
-   (session 4's retune moved a forward tile that then measured slower at long sequences).
+   `--kernels` limits which kinds are retuned; compare the new table's entries with the old before
+   keeping them (session 4's all-kinds retune moved a forward tile that then measured slower at long
+   sequences).
 3. Write the winners to $OUT/triton_tuning.json and, as Python, $OUT/triton_configs.py (copied into
    the package as `flexattn_ops/triton_configs.py`, the tuned table `triton_tuning` reads first).
 
-Usage: python benchmarks/tune_triton.py [--workers 14] [--pairs 64x64,128x128,...]
+Usage: python benchmarks/tune_triton.py [--workers 14] [--pairs 64x64,128x128,...] [--seqlen 4096]
+       [--kernels all | fwd,dkdv,dq,bwd]
 """
 
 from __future__ import annotations
@@ -69,10 +71,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=14)
     ap.add_argument("--pairs", default=PAIRS)
     ap.add_argument("--seqlen", type=int, default=4096)
+    ap.add_argument("--kernels", default="all", help='kinds to retune, e.g. "dkdv,dq,bwd" (the rest keep the table)')
     args = ap.parse_args()
     out_dir = os.environ.get("OUT", "/tmp")
     os.environ.setdefault("FLEXATTN_CACHE_DIR", os.path.join(out_dir, "tuning_cache"))
-    os.environ["FLEXATTN_TRITON_RETUNE"] = "1"  # measure again even where the table has an entry
+    # measure again even where the table has an entry, for the kinds asked for
+    os.environ["FLEXATTN_TRITON_RETUNE"] = "1" if args.kernels == "all" else args.kernels
     jobs = [(int(p.split("x")[0]), int(p.split("x")[1]), c) for p in args.pairs.split(",") for c in (False, True)]
     t0 = time.time()
     with mp.get_context("spawn").Pool(args.workers) as pool:

@@ -7,7 +7,7 @@ share a launch when their configs allow it (measured on the H100: 6% faster at h
 Lookup order for a key (GPU name, Triton version, dtype, dqk, dv, causal):
 1. ``TUNED`` (`flexattn_ops.triton_configs`, written by `benchmarks/tune_triton.py` from a device run);
 2. the cache file (``$FLEXATTN_CACHE_DIR`` or ``~/.cache/flexattn_ops``)/``triton_tuning.json``
-   (both skipped with ``FLEXATTN_TRITON_RETUNE=1``);
+   (both skipped with ``FLEXATTN_TRITON_RETUNE=1``, or for some kinds with e.g. ``=dkdv,dq,bwd``);
 3. tune now: time every candidate on the call's own inputs with `triton.testing.do_bench`, keep the
    fastest, write it to the cache file (so a second process does not re-tune).
 Tuning is skipped (a heuristic default is used) under ``TRITON_INTERPRET=1``, while a CUDA graph is
@@ -191,6 +191,14 @@ def _may_tune(device: torch.device) -> bool:
     return not torch.cuda.is_current_stream_capturing()
 
 
+def retunes(kernel: str) -> bool:
+    """Whether `kernel`'s configurations are measured again, ignoring the table and the cache file:
+    FLEXATTN_TRITON_RETUNE=1 for every kind (benchmarks/tune_triton.py), or a comma list of kinds
+    (e.g. "dkdv,dq,bwd": retuning the backward leaves the forward's tiles alone)."""
+    value = os.environ.get("FLEXATTN_TRITON_RETUNE", "")
+    return value == "1" or kernel in value.split(",")
+
+
 def get_config(
     kernel: str,
     device: torch.device,
@@ -210,9 +218,7 @@ def get_config(
     if cfg is not None:
         return cfg
     with _lock:
-        # FLEXATTN_TRITON_RETUNE=1 (benchmarks/tune_triton.py) ignores the table and the cache file
-        retune = os.environ.get("FLEXATTN_TRITON_RETUNE") == "1"
-        cfg = None if retune else (_tuned_table().get(key) or _load_disk().get(key))
+        cfg = None if retunes(kernel) else (_tuned_table().get(key) or _load_disk().get(key))
         if cfg is None and launch is not None and _may_tune(device):
             cands = candidates(kernel, dtype, dqk, dv)
             long_cfg = _tuned_table().get(config_key(kernel, device, dtype, dqk, dv, causal))

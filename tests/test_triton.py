@@ -171,3 +171,14 @@ def test_tuning_cache_roundtrip(tmp_path, monkeypatch) -> None:
     assert triton_tuning._load_disk()["k1"]["BLOCK_N"] == 32
     assert triton_tuning.get_config("fwd", torch.device("cpu"), F32, 40, 72, False) == triton_tuning.INTERPRET_CONFIG
     assert len(triton_tuning.candidates("fwd", BF16, 128, 128)) >= 4
+
+
+@pytest.mark.parametrize(
+    "value,retuned",
+    [("", set()), ("1", {"fwd", "dkdv", "dq", "bwd"}), ("dkdv,dq,bwd", {"dkdv", "dq", "bwd"}), ("fwd", {"fwd"})],
+)
+def test_retune_env_selects_kinds(value: str, retuned: set, monkeypatch) -> None:
+    from flexattn_ops import triton_tuning
+
+    monkeypatch.setenv("FLEXATTN_TRITON_RETUNE", value)
+    assert {k for k in ("fwd", "dkdv", "dq", "bwd") if triton_tuning.retunes(k)} == retuned
