@@ -971,12 +971,21 @@ def attn_bwd_kernel(
     - "both" (dense only): grid (n_key_tiles + cdiv(sq, DQ_BLOCK_M) * group, b * n_groups). Each
       (batch, group) row runs its dK/dV programs, then the dQ programs of its query heads: adjacent in
       launch order, so both read Q, K, V and dO while they are in L2 instead of each part streaming them
-      from DRAM (at seqlen 512 those reads cost as much as a third of the backward's matmuls).
+      from DRAM (hd128 seqlen 512 on an H100: 637 vs 677 us; elsewhere two launches can be faster, so the
+      choice is tuned).
     """
+    pid0 = tl.program_id(0)
+    pid1 = tl.program_id(1)
     if PART == "dkdv":
+        kv_program = True
+    elif PART == "dq":
+        kv_program = False
+    else:
+        kv_program = pid0 < n_key_tiles  # a run-time branch only in the one-launch kernel
+    if kv_program:
         _dkdv_program(
-            tl.program_id(0),
-            tl.program_id(1),
+            pid0,
+            pid1,
             Q,
             K,
             V,
@@ -1049,11 +1058,22 @@ def attn_bwd_kernel(
             HAS_SEQUSED,
             PAGE_TILE_ALIGNED,
         )
-    elif PART == "dq":
+    else:
+        if PART == "dq":
+            pid_m = tl.num_programs(0) - 1 - pid0
+            pid_bh = pid1
+            pad_seq = tl.num_programs(1) // hq - 1
+        else:
+            r = pid0 - n_key_tiles  # query tile r // group (costliest first) of head r % group in the group
+            n_q_tiles = (tl.num_programs(0) - n_key_tiles) // group
+            pid_m = n_q_tiles - 1 - r // group
+            h = (pid1 % n_groups) * group + r % group
+            pid_bh = (pid1 // n_groups) * hq + h
+            pad_seq = 0
         _dq_program(
-            tl.num_programs(0) - 1 - tl.program_id(0),
-            tl.program_id(1),
-            tl.num_programs(1) // hq - 1,
+            pid_m,
+            pid_bh,
+            pad_seq,
             Q,
             K,
             V,
@@ -1122,158 +1142,3 @@ def attn_bwd_kernel(
             HAS_SEQUSED,
             PAGE_TILE_ALIGNED,
         )
-    else:
-        pid = tl.program_id(0)
-        pid_bg = tl.program_id(1)
-        if pid < n_key_tiles:
-            _dkdv_program(
-                pid,
-                pid_bg,
-                Q,
-                K,
-                V,
-                DO,
-                Lse,
-                Delta,
-                DK,
-                DV_out,
-                Bias,
-                Alibi,
-                Rng,
-                CuQ,
-                CuK,
-                SeqUsed,
-                Table,
-                stride_tb,
-                page_size,
-                total_q,
-                stride_qb,
-                stride_qs,
-                stride_qh,
-                stride_kb,
-                stride_ks,
-                stride_kh,
-                stride_vb,
-                stride_vs,
-                stride_vh,
-                stride_dob,
-                stride_dos,
-                stride_doh,
-                stride_dkb,
-                stride_dks,
-                stride_dkh,
-                stride_dvb,
-                stride_dvs,
-                stride_dvh,
-                stride_bb,
-                stride_bh,
-                stride_bm,
-                stride_bn,
-                stride_ab,
-                hq,
-                n_groups,
-                group,
-                q_per_k,
-                q_per_v,
-                sq,
-                sk,
-                sm_scale,
-                softcap,
-                window_left,
-                window_right,
-                drop_threshold,
-                drop_rescale,
-                DQK,
-                DV,
-                DKDV_BLOCK_M,
-                DKDV_BLOCK_N,
-                BLOCK_DQK,
-                BLOCK_DV,
-                HAS_LEFT,
-                HAS_RIGHT,
-                HAS_SOFTCAP,
-                HAS_ALIBI,
-                HAS_BIAS,
-                HAS_DROPOUT,
-                PRECISION,
-                VARLEN,
-                PAGED,
-                HAS_SEQUSED,
-                PAGE_TILE_ALIGNED,
-            )
-        else:
-            r = pid - n_key_tiles  # query tile r // group (costliest first) of head r % group in the group
-            n_q_tiles = (tl.num_programs(0) - n_key_tiles) // group
-            h = (pid_bg % n_groups) * group + r % group
-            _dq_program(
-                n_q_tiles - 1 - r // group,
-                (pid_bg // n_groups) * hq + h,
-                0,
-                Q,
-                K,
-                V,
-                DO,
-                Lse,
-                Delta,
-                DQ,
-                DBias,
-                Bias,
-                Alibi,
-                Rng,
-                CuQ,
-                CuK,
-                SeqUsed,
-                Table,
-                stride_tb,
-                page_size,
-                total_q,
-                stride_qb,
-                stride_qs,
-                stride_qh,
-                stride_kb,
-                stride_ks,
-                stride_kh,
-                stride_vb,
-                stride_vs,
-                stride_vh,
-                stride_dob,
-                stride_dos,
-                stride_doh,
-                stride_dqb,
-                stride_dqs,
-                stride_dqh,
-                stride_bb,
-                stride_bh,
-                stride_bm,
-                stride_bn,
-                stride_ab,
-                hq,
-                q_per_k,
-                q_per_v,
-                sq,
-                sk,
-                sm_scale,
-                softcap,
-                window_left,
-                window_right,
-                drop_threshold,
-                drop_rescale,
-                DQK,
-                DV,
-                DQ_BLOCK_M,
-                DQ_BLOCK_N,
-                BLOCK_DQK,
-                BLOCK_DV,
-                HAS_LEFT,
-                HAS_RIGHT,
-                HAS_SOFTCAP,
-                HAS_ALIBI,
-                HAS_BIAS,
-                HAS_DBIAS,
-                HAS_DROPOUT,
-                PRECISION,
-                VARLEN,
-                PAGED,
-                HAS_SEQUSED,
-                PAGE_TILE_ALIGNED,
-            )
