@@ -13,17 +13,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_attention import flex_fn, ours_fn  # noqa: E402
-
-from flexattn_ops import triton_backend  # noqa: E402
+from profile_triton import impl_fn  # noqa: E402
 
 
 def main() -> None:
     impl, d, s, causal = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
     h, b = 2048 // d, max(1, 16384 // s)
-    if impl == "triton-split":
-        triton_backend._fusable = lambda *args: False
-    fn = flex_fn(causal, s) if impl == "flex" else ours_fn(causal, impl.replace("-split", ""))
+    fn = impl_fn(impl, causal, s)
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     g = torch.randn_like(fn(q, k, v))
     for _ in range(4):

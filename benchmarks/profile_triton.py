@@ -23,6 +23,13 @@ from flexattn_ops import triton_backend  # noqa: E402
 _fusable = triton_backend._fusable
 
 
+def impl_fn(impl: str, causal: bool, s: int):
+    """bench_attention's function for `impl`; "triton-split" is the Triton backend with its backward in two
+    launches (dK/dV, then dQ) instead of the tuned choice, for an A/B."""
+    triton_backend._fusable = _fusable if impl != "triton-split" else lambda *args: False
+    return flex_fn(causal, s) if impl == "flex" else ours_fn(causal, impl.replace("-split", ""))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="64x512,128x512,128x2048")
@@ -39,9 +46,7 @@ def main() -> None:
         q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         flops = 3.5 * 2 * b * h * s * s * 2 * d / (2 if causal else 1)
         for impl in args.impls.split(","):
-            # "triton-split": the Triton backward in two launches (dK/dV, then dQ) instead of one, for an A/B
-            triton_backend._fusable = _fusable if impl != "triton-split" else lambda *args: False
-            fn = flex_fn(causal, s) if impl == "flex" else ours_fn(causal, impl.replace("-split", ""))
+            fn = impl_fn(impl, causal, s)
             g = torch.randn_like(fn(q, k, v))  # ours returns (b, s, h, d), Flex (b, h, s, d)
 
             def step(fn=fn, q=q, k=k, v=v, g=g):

@@ -40,6 +40,14 @@ _SINKS = AttnArgs._fields.index("sinks")
 # the shared attention arguments must keep having no defaults.
 assert "=" not in ATTN_SCHEMA, "fwd's and bwd's Autograd kernels expect every AttnArgs field to be passed"
 _LIB = torch.library.Library("flexattn", "FRAGMENT")
+
+
+def _below_autograd(op, keys, *args):
+    """Run `op` past its Autograd kernel (which received dispatch key set `keys`): the implementation."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return op.redispatch(keys & torch._C._after_autograd_keyset, *args)
+
+
 _LIB.define(
     f"fwd(Tensor q, Tensor k, Tensor v, {ATTN_SCHEMA}) -> (Tensor, Tensor)", tags=(torch.Tag.pt2_compliant_tag,)
 )
@@ -88,8 +96,7 @@ class _BwdFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args_and_keys):
         *args, keys = args_and_keys
-        with torch._C._AutoDispatchBelowAutograd():
-            return _BWD.redispatch(keys & torch._C._after_autograd_keyset, *args)
+        return _below_autograd(_BWD, keys, *args)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -100,8 +107,7 @@ def _bwd_autograd(keys, *args):
     """bwd's Autograd kernel: straight to the implementation unless some input needs a gradient."""
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args):
         return _BwdFunction.apply(*args, keys)
-    with torch._C._AutoDispatchBelowAutograd():
-        return _BWD.redispatch(keys & torch._C._after_autograd_keyset, *args)
+    return _below_autograd(_BWD, keys, *args)
 
 
 _LIB.impl("bwd", _bwd_impl, "CompositeExplicitAutograd")
@@ -153,8 +159,7 @@ class _FwdFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, *args_and_keys):
         *args, keys = args_and_keys
-        with torch._C._AutoDispatchBelowAutograd():
-            output = _FWD.redispatch(keys & torch._C._after_autograd_keyset, q, k, v, *args)
+        output = _below_autograd(_FWD, keys, q, k, v, *args)
         _fwd_setup_context(ctx, (q, k, v, *args), output)
         return output
 
@@ -172,8 +177,7 @@ def _fwd_autograd(keys, q: Tensor, k: Tensor, v: Tensor, *args):
         raise NotImplementedError("flexattn attention has no forward-mode derivative (jvp); use reverse mode")
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (q, k, v, *args)):
         return _FwdFunction.apply(q, k, v, *args, keys)
-    with torch._C._AutoDispatchBelowAutograd():
-        return _FWD.redispatch(keys & torch._C._after_autograd_keyset, q, k, v, *args)
+    return _below_autograd(_FWD, keys, q, k, v, *args)
 
 
 _LIB.impl("fwd", _fwd_autograd, "Autograd", with_keyset=True)
