@@ -133,12 +133,6 @@ def _dkdv_inner(
         if MASKED:
             q_mask = q_mask & (offs_m[:, None] < sq)
             do_mask = do_mask & (offs_m[:, None] < sq)
-            # rows past sq: lse = +inf makes p = 0 there
-            lse = tl.load(Lse_bh + offs_m, mask=offs_m < sq, other=float("inf"))
-            delta = tl.load(Delta_bh + offs_m, mask=offs_m < sq, other=0.0)
-        else:
-            lse = tl.load(Lse_bh + offs_m)
-            delta = tl.load(Delta_bh + offs_m)
         tile = tl.arange(0, BLOCK_M)[:, None]
         q = tl.load(
             Q_head + start_m.to(tl.int64) * stride_qs + tile * stride_qs + offs_dk[None, :], mask=q_mask, other=0.0
@@ -146,9 +140,17 @@ def _dkdv_inner(
         do = tl.load(
             DO_head + start_m.to(tl.int64) * stride_dos + tile * stride_dos + offs_dv[None, :], mask=do_mask, other=0.0
         )
+        # lse and delta are (BLOCK_M,) vectors along the columns of S^T: 16 registers each a thread at 64x128
+        # under 8 warps. Loaded where used, not at the top, the two are never live together and the hd128
+        # 64x128 loop spills nothing (ptxas: 156 -> 96 B, all outside the query-tile loops); H100 backward
+        # kernels at hd128 2k / 8k: 1815 -> 1711 / 6724 -> 6432 us (benchmarks/RESULTS.md, session 5).
+        qk_t = mm(k, tl.trans(q), PRECISION)
+        if MASKED:  # rows past sq: lse = +inf makes p = 0 there
+            lse = tl.load(Lse_bh + offs_m, mask=offs_m < sq, other=float("inf"))
+        else:
+            lse = tl.load(Lse_bh + offs_m)
         # a fully masked row has lse = -inf and must give p = 0: use +inf there
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-        qk_t = mm(k, tl.trans(q), PRECISION)
         t = 0.0
         if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
             bias = 0.0
@@ -171,6 +173,10 @@ def _dkdv_inner(
         else:
             pd_t = p_t
         dv = mma(to_operand(pd_t, do, PRECISION), do, dv, PRECISION)
+        if MASKED:
+            delta = tl.load(Delta_bh + offs_m, mask=offs_m < sq, other=0.0)
+        else:
+            delta = tl.load(Delta_bh + offs_m)
         ds_t = p_t * (dp_t - delta[None, :])
         if HAS_SOFTCAP:
             ds_t = ds_t * (1.0 - t * t)
