@@ -3,7 +3,9 @@
 Grid (flash-attn's): hidden 2048, heads = 2048 / head_dim (for qk != v pairs: 2048 / min(dqk, dv),
 as `shared/bench/peers.py`), batch = 16384 / seqlen, bf16, causal and not, forward and
 forward+backward. FLOPs: fwd = 2 * b * h * sq * sk * (dqk + dv), halved when causal; fwd+bwd = 3.5x fwd.
-Times: `triton.testing.do_bench` medians (CUDA events) after warm-up, random inputs.
+Times: `triton.testing.do_bench` medians (CUDA events) after warm-up, random inputs. With `--rounds R`
+every implementation is measured R times a shape, in alternating order, and the median kept (single runs
+of the same kernels moved by 2-3% between processes at 2k-8k, as much as the differences measured).
 
 Peers: PyTorch SDPA with the flash backend (FlashAttention-2), the cuDNN backend, and compiled
 FlexAttention (one compile per shape and grad mode, as in peers.py). Ours: `torch.ops.flexattn.fwd`
@@ -11,7 +13,7 @@ FlexAttention (one compile per shape and grad mode, as in peers.py). Ours: `torc
 forward; its backward is Triton's).
 
 Usage: python benchmarks/bench_attention.py [--part core|pairs|all] [--seqs 512,2048,8192,16384]
-    [--impls cuda,triton,sdpa_flash,sdpa_cudnn,flex] [--modes fwd,fwd_bwd]
+    [--impls cuda,triton,sdpa_flash,sdpa_cudnn,flex] [--modes fwd,fwd_bwd] [--dims 128x128] [--rounds 3]
 Prints a TFLOP/s table with ratios of ours to the peers; writes $OUT/bench_<part>.csv.
 """
 
@@ -21,6 +23,7 @@ import argparse
 import csv
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -126,6 +129,7 @@ def run(
     modes: list[str],
     rows: list[dict],
     deadline: float,
+    rounds: int = 1,
 ) -> None:
     from torch.nn.attention import SDPBackend
 
@@ -147,11 +151,20 @@ def run(
                     "sdpa_cudnn": lambda c=causal: sdpa_fn(SDPBackend.CUDNN_ATTENTION, c),
                     "flex": lambda c=causal, s=s: flex_fn(c, s),
                 }
-                for impl in impls:
-                    fn = makers[impl]()
-                    for mode in modes:
-                        t0 = time.time()
-                        ms, note = measure(fn, q, k, v, mode)
+                fns = {impl: makers[impl]() for impl in impls}
+                for mode in modes:
+                    # rounds alternate the order of the implementations; each one's median over the rounds is
+                    # kept, so a clock or thermal drift during one shape does not favour whoever ran first
+                    times: dict[str, list[float]] = {impl: [] for impl in impls}
+                    notes = dict.fromkeys(impls, "")
+                    t0 = time.time()
+                    for r in range(rounds):
+                        for impl in impls if r % 2 == 0 else impls[::-1]:
+                            ms, notes[impl] = measure(fns[impl], q, k, v, mode)
+                            if ms:
+                                times[impl].append(ms)
+                    for impl in impls:
+                        ms = statistics.median(times[impl]) if times[impl] else None
                         tf = flops(b, h, s, dqk, dv, causal, mode) / (ms * 1e-3) / 1e12 if ms else float("nan")
                         rows.append(
                             dict(
@@ -165,12 +178,15 @@ def run(
                                 mode=mode,
                                 ms=round(ms, 4) if ms else "",
                                 tflops=round(tf, 1),
-                                note=note,
+                                note=notes[impl],
                             )
                         )
+                        spread = ""
+                        if rounds > 1 and ms:
+                            spread = f"rounds {min(times[impl]):.3f}-{max(times[impl]):.3f} ms "
                         print(
                             f"{impl:11s} d={dqk}/{dv} causal={int(causal)} s={s:5d} {mode:7s} "
-                            f"{tf:7.1f} TFLOP/s  ({time.time() - t0:.1f}s) {note}",
+                            f"{tf:7.1f} TFLOP/s  {spread}({time.time() - t0:.1f}s) {notes[impl]}",
                             flush=True,
                         )
                 del q, k, v
@@ -213,6 +229,7 @@ def main() -> None:
     ap.add_argument("--modes", default="fwd,fwd_bwd")
     ap.add_argument("--dims", default="", help="override: comma-separated dqk x dv pairs, e.g. 64x64,192x128")
     ap.add_argument("--budget", type=float, default=1e9, help="seconds: start no new shape after this")
+    ap.add_argument("--rounds", type=int, default=1, help="measure every implementation this many times a shape")
     args = ap.parse_args()
     seqs = [int(x) for x in args.seqs.split(",")]
     impls = args.impls.split(",")
@@ -227,11 +244,11 @@ def main() -> None:
         deadline = time.time() + args.budget
         if args.dims:
             dims = [(int(p.split("x")[0]), int(p.split("x")[1])) for p in args.dims.split(",")]
-            run(dims, seqs, impls, modes, rows, deadline)
+            run(dims, seqs, impls, modes, rows, deadline, args.rounds)
         if args.part in ("core", "all") and not args.dims:
-            run(CORE_DIMS, seqs, impls, modes, rows, deadline)
+            run(CORE_DIMS, seqs, impls, modes, rows, deadline, args.rounds)
         if args.part in ("pairs", "all"):
-            run(PAIRS, [int(x) for x in args.pair_seqs.split(",")], impls, modes, rows, deadline)
+            run(PAIRS, [int(x) for x in args.pair_seqs.split(",")], impls, modes, rows, deadline, args.rounds)
     finally:
         if rows:
             path = os.path.join(OUT, f"bench_{args.part}.csv")

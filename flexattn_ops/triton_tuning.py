@@ -9,7 +9,8 @@ Lookup order for a key (GPU name, Triton version, dtype, dqk, dv, causal):
 2. the cache file (``$FLEXATTN_CACHE_DIR`` or ``~/.cache/flexattn_ops``)/``triton_tuning.json``
    (both skipped with ``FLEXATTN_TRITON_RETUNE=1``, or for some kinds with e.g. ``=dkdv,dq,bwd``);
 3. tune now: time every candidate on the call's own inputs with `triton.testing.do_bench`, keep the
-   fastest, write it to the cache file (so a second process does not re-tune).
+   fastest, write it to the cache file (so a second process does not re-tune); ``FLEXATTN_TRITON_TUNE_LOG=1``
+   prints every candidate's time.
 Tuning is skipped (a heuristic default is used) under ``TRITON_INTERPRET=1``, while a CUDA graph is
 being captured (timing would synchronise), or with ``FLEXATTN_TRITON_AUTOTUNE=0``.
 """
@@ -224,7 +225,7 @@ def get_config(
             long_cfg = _tuned_table().get(config_key(kernel, device, dtype, dqk, dv, causal))
             if long_cfg is not None and long_cfg not in cands:
                 cands.append(long_cfg)  # a short key also tries what won for long sequences
-            cfg = _tune(launch, cands)
+            cfg = _tune(launch, cands, key)
             if cfg is not None:
                 _save_disk(key, cfg)
         if cfg is None:  # not memoised: tune later when allowed; meanwhile the long-sequence tiles or the default
@@ -235,7 +236,8 @@ def get_config(
         return cfg
 
 
-def _tune(launch: Callable[[Config], None], cands: list[Config]) -> Optional[Config]:
+def _tune(launch: Callable[[Config], None], cands: list[Config], key: str) -> Optional[Config]:
+    """The fastest of `cands` (median time of `launch`); FLEXATTN_TRITON_TUNE_LOG=1 prints every time."""
     from triton.testing import do_bench
 
     best, best_ms = None, float("inf")
@@ -244,6 +246,8 @@ def _tune(launch: Callable[[Config], None], cands: list[Config]) -> Optional[Con
             ms = do_bench(lambda cfg=cfg: launch(cfg), warmup=10, rep=40, return_mode="median")
         except Exception:  # noqa: BLE001  (out of shared memory / registers: not a candidate here)
             continue
+        if os.environ.get("FLEXATTN_TRITON_TUNE_LOG") == "1":
+            print(f"tune {key} {cfg}: {ms * 1e3:.1f} us", flush=True)
         if ms < best_ms:
             best, best_ms = cfg, ms
     return best
