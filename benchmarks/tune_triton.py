@@ -13,7 +13,7 @@
    the package as `flexattn_ops/triton_configs.py`, the tuned table `triton_tuning` reads first).
 
 Usage: python benchmarks/tune_triton.py [--workers 14] [--pairs 64x64,128x128,...] [--seqlen 4096]
-       [--kernels all | fwd,dkdv,dq,bwd]
+       [--kernels all | fwd,dkdv,dq,bwd] [--causal 0,1]
 """
 
 from __future__ import annotations
@@ -72,12 +72,14 @@ def main() -> None:
     ap.add_argument("--pairs", default=PAIRS)
     ap.add_argument("--seqlen", type=int, default=4096)
     ap.add_argument("--kernels", default="all", help='kinds to retune, e.g. "dkdv,dq,bwd" (the rest keep the table)')
+    ap.add_argument("--causal", default="0,1", help='"0", "1" or "0,1": which masks to tune')
     args = ap.parse_args()
     out_dir = os.environ.get("OUT", "/tmp")
     os.environ.setdefault("FLEXATTN_CACHE_DIR", os.path.join(out_dir, "tuning_cache"))
     # measure again even where the table has an entry, for the kinds asked for
     os.environ["FLEXATTN_TRITON_RETUNE"] = "1" if args.kernels == "all" else args.kernels
-    jobs = [(int(p.split("x")[0]), int(p.split("x")[1]), c) for p in args.pairs.split(",") for c in (False, True)]
+    masks = [bool(int(c)) for c in args.causal.split(",")]
+    jobs = [(int(p.split("x")[0]), int(p.split("x")[1]), c) for p in args.pairs.split(",") for c in masks]
     t0 = time.time()
     with mp.get_context("spawn").Pool(args.workers) as pool:
         for msg in pool.imap_unordered(_warm, jobs):

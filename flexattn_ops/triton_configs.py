@@ -1,22 +1,26 @@
 """Tuned Triton tiles, written by benchmarks/tune_triton.py on a device run (do not edit by hand).
 
 Device: NVIDIA H100 80GB HBM3, torch 2.11.0+cu130.
-Session 5 retuned the backward ("dkdv" tiles and "bwd" one-launch choices, every pair, seqlen 4096 and 512) after
-the dK/dV loop change; "fwd" and "dq" entries are session 4's. Entries that differ from what a tune_triton.py
-run writes: the causal hd128 forward's long-sequence tile is the session-1 winner (session 4's seqlen-4096 retune
-chose 64 x 64, which measured slower at 8k / 16k; benchmarks/RESULTS.md); the "bwd" choices of hd64 and hd128
-non-causal long sequences are two launches, where the seqlen-4096 tune chose one: whole fwd+bwd steps measured
-faster with two at 2k, 8k and 16k (benchmarks/ab_one_launch.py, results/ab_one_launch_h100_s5.log).
+Session 5 retuned the backward ("dkdv" tiles and "bwd" one-launch choices, every pair, seqlen 4096 and 512)
+after each dK/dV loop change (the causal keys twice); "fwd" and "dq" entries are session 4's. Entries that differ
+from what a tune_triton.py run writes: the causal hd128 forward's long-sequence tile is the session-1 winner
+(session 4's seqlen-4096 retune chose 64 x 64, which measured slower at 8k / 16k; benchmarks/RESULTS.md); the
+"bwd" choices of hd64 and hd128 non-causal long sequences are two launches, where the seqlen-4096 tune chose one:
+whole fwd+bwd steps measured faster with two at 2k, 8k and 16k (benchmarks/ab_one_launch.py,
+results/ab_one_launch_h100_s5.log).
 """
 
 TUNED: dict[str, dict[str, int]] = {
+    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|causal": {"one_launch": 0},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|causal|short": {"one_launch": 1},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|full": {"one_launch": 0},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|full|short": {"one_launch": 1},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x256|causal": {"one_launch": 0},
+    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x256|causal|short": {"one_launch": 0},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x256|full": {"one_launch": 0},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x256|full|short": {"one_launch": 1},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|256x128|causal": {"one_launch": 0},
+    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|256x128|causal|short": {"one_launch": 1},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|256x128|full": {"one_launch": 0},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|256x128|full|short": {"one_launch": 1},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|32x64|causal": {"one_launch": 0},
@@ -28,10 +32,10 @@ TUNED: dict[str, dict[str, int]] = {
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|64x64|full": {"one_launch": 0},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|64x64|full|short": {"one_launch": 0},
     "dkdv|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|causal": {
-        "BLOCK_M": 32,
-        "BLOCK_N": 64,
-        "num_stages": 2,
-        "num_warps": 4,
+        "BLOCK_M": 64,
+        "BLOCK_N": 128,
+        "num_stages": 3,
+        "num_warps": 8,
     },
     "dkdv|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|causal|short": {
         "BLOCK_M": 32,
@@ -59,9 +63,9 @@ TUNED: dict[str, dict[str, int]] = {
     },
     "dkdv|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x256|causal|short": {
         "BLOCK_M": 64,
-        "BLOCK_N": 32,
+        "BLOCK_N": 128,
         "num_stages": 2,
-        "num_warps": 4,
+        "num_warps": 8,
     },
     "dkdv|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x256|full": {
         "BLOCK_M": 64,
@@ -77,15 +81,15 @@ TUNED: dict[str, dict[str, int]] = {
     },
     "dkdv|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|256x128|causal": {
         "BLOCK_M": 64,
-        "BLOCK_N": 32,
+        "BLOCK_N": 128,
         "num_stages": 2,
-        "num_warps": 4,
+        "num_warps": 8,
     },
     "dkdv|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|256x128|causal|short": {
         "BLOCK_M": 64,
-        "BLOCK_N": 32,
+        "BLOCK_N": 128,
         "num_stages": 2,
-        "num_warps": 4,
+        "num_warps": 8,
     },
     "dkdv|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|256x128|full": {
         "BLOCK_M": 64,
@@ -148,13 +152,13 @@ TUNED: dict[str, dict[str, int]] = {
         "num_warps": 4,
     },
     "dkdv|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|64x128|causal": {
-        "BLOCK_M": 32,
+        "BLOCK_M": 64,
         "BLOCK_N": 64,
         "num_stages": 2,
         "num_warps": 4,
     },
     "dkdv|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|64x128|causal|short": {
-        "BLOCK_M": 32,
+        "BLOCK_M": 64,
         "BLOCK_N": 64,
         "num_stages": 2,
         "num_warps": 4,
@@ -179,7 +183,7 @@ TUNED: dict[str, dict[str, int]] = {
     },
     "dkdv|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|64x64|causal|short": {
         "BLOCK_M": 32,
-        "BLOCK_N": 128,
+        "BLOCK_N": 64,
         "num_stages": 2,
         "num_warps": 4,
     },
