@@ -55,6 +55,10 @@ CASES = {
     "dqk_32_dv_64_bf16": Case(d=32, dv=64, dtype=BF16),
     "tiny_dims_8": Case(d=8, dv=8, sq=1, sk=1),
     "long_113": Case(b=1, hq=1, hk=1, hv=1, sq=113, sk=70, causal=True, d=16, dv=16),
+    # windows whose key tiles have masked query tiles on both sides of 2+ unmasked ones (16x16 interpreter
+    # tiles): the dK/dV loop's jump over the unmasked tiles must land on the right tile
+    "window_wide_both_sides": Case(b=1, hq=1, hk=1, hv=1, sq=97, sk=97, window=(50, 3), d=16, dv=16),
+    "window_wide_left_sq_gt_sk": Case(b=1, hq=1, hk=1, hv=1, sq=90, sk=75, window=(50, 0), d=16, dv=16),
     "permuted": Case(layout="permuted", causal=True, bias=(2, 2, 17, 33)),
     "sliced": Case(layout="sliced", hq=2, hk=1, hv=2, window=(4, 4)),
     "everything": Case(
