@@ -132,7 +132,7 @@ def _dkdv_inner(
     offs_dv = tl.arange(0, BLOCK_DV)
     j = offs_n[:, None]
     for start_m in range(lo, hi - (gap_hi - gap_lo), BLOCK_M):
-        if HAS_LEFT or HAS_RIGHT:
+        if MASKED and (HAS_LEFT or HAS_RIGHT):  # the unmasked call has no gap
             start_m = tl.where(start_m < gap_lo, start_m, start_m + (gap_hi - gap_lo))
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
