@@ -18,11 +18,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_attention import flex_fn, flops, measure, ours_fn  # noqa: E402
-
-from flexattn_ops import triton_backend  # noqa: E402
-
-_fusable = triton_backend._fusable
+from bench_attention import flops, measure  # noqa: E402
+from profile_triton import impl_fn  # noqa: E402
 
 
 def main() -> None:
@@ -37,21 +34,16 @@ def main() -> None:
         d, s = (int(x) for x in spec.split("x"))
         h, b = 2048 // d, max(1, 16384 // s)
         q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        impls = {
-            "tuned": (ours_fn(causal, "triton"), _fusable),
-            "two": (ours_fn(causal, "triton"), lambda *args: False),
-            "flex": (flex_fn(causal, s), _fusable),
-        }
+        impls = {"tuned": "triton", "two": "triton-split", "flex": "flex"}  # profile_triton.impl_fn's names
         times: dict[str, list[float]] = {name: [] for name in impls}
         for r in range(args.rounds):
             for name in list(impls) if r % 2 == 0 else list(impls)[::-1]:
-                fn, fusable = impls[name]
-                triton_backend._fusable = fusable
-                ms, note = measure(fn, q, k, v, "fwd_bwd")
+                # impl_fn sets the launch choice for what runs next, so it is called before every measurement
+                ms, note = measure(impl_fn(impls[name], causal, s), q, k, v, "fwd_bwd")
                 if ms is None:
                     raise RuntimeError(f"{name}: {note}")
                 times[name].append(ms)
-        triton_backend._fusable = _fusable
+        impl_fn("triton", causal, s)  # the tuned choice back
         flex_ms = statistics.median(times["flex"])
         for name, ts in times.items():
             ms = statistics.median(ts)
