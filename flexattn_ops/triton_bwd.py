@@ -31,6 +31,7 @@ from flexattn_ops.triton_common import (
     fill_rows,
     keep_mask,
     key_tile_bounds,
+    load_rows,
     mm,
     mma,
     paged_kv_rows,
@@ -131,65 +132,75 @@ def _dkdv_inner(
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     j = offs_n[:, None]
-    for start_m in range(lo, hi - (gap_hi - gap_lo), BLOCK_M):
-        if MASKED and (HAS_LEFT or HAS_RIGHT):  # the unmasked call has no gap
-            start_m = tl.where(start_m < gap_lo, start_m, start_m + (gap_hi - gap_lo))
-        start_m = tl.multiple_of(start_m, BLOCK_M)
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        i = offs_m[None, :]
-        q_mask = dim_mask(offs_dk, DQK, BLOCK_DQK)
-        do_mask = dim_mask(offs_dv, DV, BLOCK_DV)
-        if MASKED:
-            q_mask = q_mask & (offs_m[:, None] < sq)
-            do_mask = do_mask & (offs_m[:, None] < sq)
-        tile = tl.arange(0, BLOCK_M)[:, None]
-        q = tl.load(
-            Q_head + start_m.to(tl.int64) * stride_qs + tile * stride_qs + offs_dk[None, :], mask=q_mask, other=0.0
-        )
-        do = tl.load(
-            DO_head + start_m.to(tl.int64) * stride_dos + tile * stride_dos + offs_dv[None, :], mask=do_mask, other=0.0
-        )
-        # lse and delta are (BLOCK_M,) vectors along the columns of S^T: 16 registers each a thread at 64x128
-        # under 8 warps. Loaded where used, not at the top, the two are never live together and the hd128
-        # 64x128 loop spills nothing (ptxas: 156 -> 96 B, all outside the query-tile loops); H100 backward
-        # kernels at hd128 2k / 8k: 1815 -> 1711 / 6724 -> 6432 us (benchmarks/RESULTS.md, session 5).
-        qk_t = mm(k, tl.trans(q), PRECISION)
-        if MASKED:  # rows past sq: lse = +inf makes p = 0 there
-            lse = tl.load(Lse_bh + offs_m, mask=offs_m < sq, other=float("inf"))
-        else:
-            lse = tl.load(Lse_bh + offs_m)
-        # a fully masked row has lse = -inf and must give p = 0: use +inf there
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-        t = 0.0
-        if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
-            bias = 0.0
-            if HAS_BIAS:
-                bias = tl.load(Bias_head + i * stride_bm + j * stride_bn, mask=(i < sq) & (j < sk), other=0.0).to(
-                    tl.float32
-                )
-            s, t = score_mods(qk_t, i, j, sm_scale, softcap, slope, bias, off, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
-            s = s * LOG2E
-        else:
-            s = qk_t * (sm_scale * LOG2E)
-        p_t = tl.math.exp2(s - lse2[None, :])
-        if MASKED:
-            p_t = tl.where(keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT, HAS_RIGHT), p_t, 0.0)
-        dp_t = mm(v, tl.trans(do), PRECISION)
-        if HAS_DROPOUT:
-            kept = dropout_keep(drop_key, bh, i, j, drop_threshold)
-            pd_t = tl.where(kept, p_t * drop_rescale, 0.0)
-            dp_t = tl.where(kept, dp_t * drop_rescale, 0.0)
-        else:
-            pd_t = p_t
-        dv = mma(to_operand(pd_t, do, PRECISION), do, dv, PRECISION)
-        if MASKED:
-            delta = tl.load(Delta_bh + offs_m, mask=offs_m < sq, other=0.0)
-        else:
-            delta = tl.load(Delta_bh + offs_m)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if HAS_SOFTCAP:
-            ds_t = ds_t * (1.0 - t * t)
-        dk = mma(to_operand(ds_t, q, PRECISION), q, dk, PRECISION)
+    # Without causal/window masks the masked loop is the tail past the last whole query tile, empty when
+    # sq % BLOCK_M == 0: then skip its pipeline set-up too (~580 instructions a program at hd128 64x128).
+    # H100 dK/dV at seqlen 512: hd64 425 -> 362 us, hd256 632 -> 597. The other loops are not guarded: a guard
+    # around the causal masked loop (never empty) cost 20% at hd128 2k / 8k (benchmarks/RESULTS.md, session 6).
+    run = True
+    if MASKED and not (HAS_LEFT or HAS_RIGHT):
+        run = lo < hi
+    if run:
+        for start_m in range(lo, hi - (gap_hi - gap_lo), BLOCK_M):
+            if MASKED and (HAS_LEFT or HAS_RIGHT):  # the unmasked call has no gap
+                start_m = tl.where(start_m < gap_lo, start_m, start_m + (gap_hi - gap_lo))
+            start_m = tl.multiple_of(start_m, BLOCK_M)
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            i = offs_m[None, :]
+            q_mask = dim_mask(offs_dk, DQK, BLOCK_DQK)
+            do_mask = dim_mask(offs_dv, DV, BLOCK_DV)
+            if MASKED:
+                q_mask = q_mask & (offs_m[:, None] < sq)
+                do_mask = do_mask & (offs_m[:, None] < sq)
+            tile = tl.arange(0, BLOCK_M)[:, None]
+            q = tl.load(
+                Q_head + start_m.to(tl.int64) * stride_qs + tile * stride_qs + offs_dk[None, :], mask=q_mask, other=0.0
+            )
+            do = tl.load(
+                DO_head + start_m.to(tl.int64) * stride_dos + tile * stride_dos + offs_dv[None, :],
+                mask=do_mask,
+                other=0.0,
+            )
+            # lse and delta are (BLOCK_M,) vectors along the columns of S^T: 16 registers each a thread at 64x128
+            # under 8 warps. Loaded where used, not at the top, the two are never live together and the hd128
+            # 64x128 loop spills nothing (ptxas: 156 -> 96 B, all outside the query-tile loops); H100 backward
+            # kernels at hd128 2k / 8k: 1815 -> 1711 / 6724 -> 6432 us (benchmarks/RESULTS.md, session 5).
+            qk_t = mm(k, tl.trans(q), PRECISION)
+            if MASKED:  # rows past sq: lse = +inf makes p = 0 there
+                lse = tl.load(Lse_bh + offs_m, mask=offs_m < sq, other=float("inf"))
+            else:
+                lse = tl.load(Lse_bh + offs_m)
+            # a fully masked row has lse = -inf and must give p = 0: use +inf there
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+            t = 0.0
+            if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
+                bias = 0.0
+                if HAS_BIAS:
+                    bias = tl.load(Bias_head + i * stride_bm + j * stride_bn, mask=(i < sq) & (j < sk), other=0.0).to(
+                        tl.float32
+                    )
+                s, t = score_mods(qk_t, i, j, sm_scale, softcap, slope, bias, off, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+                s = s * LOG2E
+            else:
+                s = qk_t * (sm_scale * LOG2E)
+            p_t = tl.math.exp2(s - lse2[None, :])
+            if MASKED:
+                p_t = tl.where(keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT, HAS_RIGHT), p_t, 0.0)
+            dp_t = mm(v, tl.trans(do), PRECISION)
+            if HAS_DROPOUT:
+                kept = dropout_keep(drop_key, bh, i, j, drop_threshold)
+                pd_t = tl.where(kept, p_t * drop_rescale, 0.0)
+                dp_t = tl.where(kept, dp_t * drop_rescale, 0.0)
+            else:
+                pd_t = p_t
+            dv = mma(to_operand(pd_t, do, PRECISION), do, dv, PRECISION)
+            if MASKED:
+                delta = tl.load(Delta_bh + offs_m, mask=offs_m < sq, other=0.0)
+            else:
+                delta = tl.load(Delta_bh + offs_m)
+            ds_t = p_t * (dp_t - delta[None, :])
+            if HAS_SOFTCAP:
+                ds_t = ds_t * (1.0 - t * t)
+            dk = mma(to_operand(ds_t, q, PRECISION), q, dk, PRECISION)
     return dk, dv
 
 
@@ -291,38 +302,50 @@ def _dkdv_program(
         Q_seq = Q + q_start.to(tl.int64) * stride_qs
         DO_seq = DO + q_start.to(tl.int64) * stride_dos
         if PAGED:
-            Table_row = Table + b * stride_tb
-            k_rows, v_rows = paged_kv_rows(
-                Table_row, n0, offs_n, sk, page_size, stride_kb, stride_ks, stride_vb, stride_vs, PAGE_TILE_ALIGNED
-            )
             dk_rows = b.to(tl.int64) * stride_dkb + cols * stride_dks
             dv_rows = b.to(tl.int64) * stride_dvb + cols * stride_dvs
         else:
-            k_rows = (k_start + cols) * stride_ks
-            v_rows = (k_start + cols) * stride_vs
+            K_seq = K + k_start.to(tl.int64) * stride_ks
+            V_seq = V + k_start.to(tl.int64) * stride_vs
             dk_rows = (k_start + cols) * stride_dks
             dv_rows = (k_start + cols) * stride_dvs
     else:
         Q_seq = Q + b.to(tl.int64) * stride_qb
         DO_seq = DO + b.to(tl.int64) * stride_dob
-        k_rows = b.to(tl.int64) * stride_kb + cols * stride_ks
-        v_rows = b.to(tl.int64) * stride_vb + cols * stride_vs
+        K_seq = K + b.to(tl.int64) * stride_kb
+        V_seq = V + b.to(tl.int64) * stride_vb
         dk_rows = b.to(tl.int64) * stride_dkb + cols * stride_dks
         dv_rows = b.to(tl.int64) * stride_dvb + cols * stride_dvs
     off = sk - sq
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     h0 = g_idx * group
-    k = tl.load(
-        K + (h0 // q_per_k) * stride_kh + k_rows + offs_dk[None, :],
-        mask=(offs_n[:, None] < sk) & (dim_mask(offs_dk, DQK, BLOCK_DQK)),
-        other=0.0,
-    )
-    v = tl.load(
-        V + (h0 // q_per_v) * stride_vh + v_rows + offs_dv[None, :],
-        mask=(offs_n[:, None] < sk) & (dim_mask(offs_dv, DV, BLOCK_DV)),
-        other=0.0,
-    )
+    if PAGED:
+        k_rows, v_rows = paged_kv_rows(
+            Table + b * stride_tb,
+            n0,
+            offs_n,
+            sk,
+            page_size,
+            stride_kb,
+            stride_ks,
+            stride_vb,
+            stride_vs,
+            PAGE_TILE_ALIGNED,
+        )
+        k = tl.load(
+            K + (h0 // q_per_k) * stride_kh + k_rows + offs_dk[None, :],
+            mask=(offs_n[:, None] < sk) & (dim_mask(offs_dk, DQK, BLOCK_DQK)),
+            other=0.0,
+        )
+        v = tl.load(
+            V + (h0 // q_per_v) * stride_vh + v_rows + offs_dv[None, :],
+            mask=(offs_n[:, None] < sk) & (dim_mask(offs_dv, DV, BLOCK_DV)),
+            other=0.0,
+        )
+    else:  # keys past sk (last tile) only reach masked loops, where p = 0 for them
+        k = load_rows(K_seq + (h0 // q_per_k) * stride_kh, offs_n, sk, stride_ks, offs_dk, DQK, BLOCK_DQK)
+        v = load_rows(V_seq + (h0 // q_per_v) * stride_vh, offs_n, sk, stride_vs, offs_dv, DV, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     lo, mid_lo, mid_hi, hi = query_tile_bounds(
@@ -481,49 +504,59 @@ def _dq_inner(
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     i = offs_m[:, None]
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        j = offs_n[None, :]
-        k_mask = dim_mask(offs_dk, DQK, BLOCK_DQK)
-        v_mask = dim_mask(offs_dv, DV, BLOCK_DV)
-        if MASKED:
-            k_mask = k_mask & (offs_n[:, None] < sk)
-            v_mask = v_mask & (offs_n[:, None] < sk)
-        tile = tl.arange(0, BLOCK_N)[:, None]
-        if PAGED:
-            k_rows, v_rows = paged_kv_rows(
-                Table_row, start_n, offs_n, sk, page_size, stride_kb, stride_ks, stride_vb, stride_vs, PAGE_TILE_ALIGNED
-            )
-        else:
-            k_rows = start_n.to(tl.int64) * stride_ks + tile * stride_ks
-            v_rows = start_n.to(tl.int64) * stride_vs + tile * stride_vs
-        k = tl.load(K_head + k_rows + offs_dk[None, :], mask=k_mask, other=0.0)
-        v = tl.load(V_head + v_rows + offs_dv[None, :], mask=v_mask, other=0.0)
-        qk = mm(q, tl.trans(k), PRECISION)
-        t = 0.0
-        if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
-            bias = 0.0
-            if HAS_BIAS:
-                bias = tl.load(Bias_head + i * stride_bm + j * stride_bn, mask=(i < sq) & (j < sk), other=0.0).to(
-                    tl.float32
+    if lo < hi:  # as _dkdv_inner: an empty range skips the pipeline set-up
+        for start_n in range(lo, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            j = offs_n[None, :]
+            k_mask = dim_mask(offs_dk, DQK, BLOCK_DQK)
+            v_mask = dim_mask(offs_dv, DV, BLOCK_DV)
+            if MASKED:
+                k_mask = k_mask & (offs_n[:, None] < sk)
+                v_mask = v_mask & (offs_n[:, None] < sk)
+            tile = tl.arange(0, BLOCK_N)[:, None]
+            if PAGED:
+                k_rows, v_rows = paged_kv_rows(
+                    Table_row,
+                    start_n,
+                    offs_n,
+                    sk,
+                    page_size,
+                    stride_kb,
+                    stride_ks,
+                    stride_vb,
+                    stride_vs,
+                    PAGE_TILE_ALIGNED,
                 )
-            s, t = score_mods(qk, i, j, sm_scale, softcap, slope, bias, off, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
-            s = s * LOG2E
-        else:
-            s = qk * (sm_scale * LOG2E)
-        p = tl.math.exp2(s - lse2[:, None])
-        if MASKED:
-            p = tl.where(keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT, HAS_RIGHT), p, 0.0)
-        dp = mm(do, tl.trans(v), PRECISION)
-        if HAS_DROPOUT:
-            dp = tl.where(dropout_keep(drop_key, bh, i, j, drop_threshold), dp * drop_rescale, 0.0)
-        ds = p * (dp - delta[:, None])
-        if HAS_DBIAS:
-            tl.store(DBias_bh + i.to(tl.int64) * sk + j, ds, mask=(i < sq) & (j < sk))
-        if HAS_SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq = mma(to_operand(ds, k, PRECISION), k, dq, PRECISION)
+            else:
+                k_rows = start_n.to(tl.int64) * stride_ks + tile * stride_ks
+                v_rows = start_n.to(tl.int64) * stride_vs + tile * stride_vs
+            k = tl.load(K_head + k_rows + offs_dk[None, :], mask=k_mask, other=0.0)
+            v = tl.load(V_head + v_rows + offs_dv[None, :], mask=v_mask, other=0.0)
+            qk = mm(q, tl.trans(k), PRECISION)
+            t = 0.0
+            if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
+                bias = 0.0
+                if HAS_BIAS:
+                    bias = tl.load(Bias_head + i * stride_bm + j * stride_bn, mask=(i < sq) & (j < sk), other=0.0).to(
+                        tl.float32
+                    )
+                s, t = score_mods(qk, i, j, sm_scale, softcap, slope, bias, off, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+                s = s * LOG2E
+            else:
+                s = qk * (sm_scale * LOG2E)
+            p = tl.math.exp2(s - lse2[:, None])
+            if MASKED:
+                p = tl.where(keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT, HAS_RIGHT), p, 0.0)
+            dp = mm(do, tl.trans(v), PRECISION)
+            if HAS_DROPOUT:
+                dp = tl.where(dropout_keep(drop_key, bh, i, j, drop_threshold), dp * drop_rescale, 0.0)
+            ds = p * (dp - delta[:, None])
+            if HAS_DBIAS:
+                tl.store(DBias_bh + i.to(tl.int64) * sk + j, ds, mask=(i < sq) & (j < sk))
+            if HAS_SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dq = mma(to_operand(ds, k, PRECISION), k, dq, PRECISION)
     return dq
 
 
@@ -644,16 +677,9 @@ def _dq_program(
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = offs_m[:, None].to(tl.int64)
     row_ok = offs_m[:, None] < sq
-    q = tl.load(
-        Q_seq + h * stride_qh + rows * stride_qs + offs_dk[None, :],
-        mask=row_ok & (dim_mask(offs_dk, DQK, BLOCK_DQK)),
-        other=0.0,
-    )
-    do = tl.load(
-        DO_seq + h * stride_doh + rows * stride_dos + offs_dv[None, :],
-        mask=row_ok & (dim_mask(offs_dv, DV, BLOCK_DV)),
-        other=0.0,
-    )
+    # rows past sq have lse = +inf below, so p = 0 and ds = 0 there whatever q and do hold
+    q = load_rows(Q_seq + h * stride_qh, offs_m, sq, stride_qs, offs_dk, DQK, BLOCK_DQK)
+    do = load_rows(DO_seq + h * stride_doh, offs_m, sq, stride_dos, offs_dv, DV, BLOCK_DV)
     lse = tl.load(Lse_row + offs_m, mask=offs_m < sq, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     delta = tl.load(Delta_row + offs_m, mask=offs_m < sq, other=0.0)

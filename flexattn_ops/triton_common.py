@@ -58,6 +58,22 @@ def dim_mask(offs, D: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def load_rows(Base, rows, n_rows, stride, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(len(rows), BLOCK_D) tile of Base[row * stride + d] for the rows < n_rows (n_rows >= 1), zero in the
+    padded head-dim columns. With an unpadded head dim, rows past n_rows repeat row n_rows - 1 instead of
+    reading zeros: callers keep such rows out of every result (p = 0 there, masked stores). An unmasked
+    load needs no zero-filled destination registers, which at hd128 made ptxas stall the resident tile's
+    loads on register reuse, serialising their latency (ncu, H100 seqlen 512: 24% of the dK/dV kernel's
+    stall samples before its loop, vs 8% in FlexAttention's; benchmarks/RESULTS.md, session 6)."""
+    if D == BLOCK_D:
+        r = tl.minimum(rows, n_rows - 1).to(tl.int64)
+        return tl.load(Base + r[:, None] * stride + offs_d[None, :])
+    else:
+        mask = (rows[:, None] < n_rows) & (offs_d[None, :] < D)
+        return tl.load(Base + rows[:, None].to(tl.int64) * stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def fmix32(x):
     """MurmurHash3's finaliser on uint32 (multiplication wraps mod 2**32), as reference.fmix32."""
     x = x ^ (x >> 16)

@@ -25,6 +25,7 @@ from flexattn_ops.triton_common import (
     fill_rows,
     keep_mask,
     key_tile_bounds,
+    load_rows,
     mm,
     mma,
     paged_kv_rows,
@@ -85,59 +86,69 @@ def _fwd_inner(
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     i = offs_m[:, None]
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        j = offs_n[None, :]
-        k_mask = dim_mask(offs_dk, DQK, BLOCK_DQK)
-        v_mask = dim_mask(offs_dv, DV, BLOCK_DV)
-        if MASKED:
-            k_mask = k_mask & (offs_n[:, None] < sk)
-            v_mask = v_mask & (offs_n[:, None] < sk)
-        # 64-bit scalar tile base, 32-bit offsets inside the tile (fewer registers than 64-bit per element)
-        tile = tl.arange(0, BLOCK_N)[:, None]
-        if PAGED:
-            k_rows, v_rows = paged_kv_rows(
-                Table_row, start_n, offs_n, sk, page_size, stride_kb, stride_ks, stride_vb, stride_vs, PAGE_TILE_ALIGNED
-            )
-        else:
-            k_rows = start_n.to(tl.int64) * stride_ks + tile * stride_ks
-        k = tl.load(K_head + k_rows + offs_dk[None, :], mask=k_mask, other=0.0)
-        qk = mm(q, tl.trans(k), PRECISION)
-        if PLAIN and not MASKED:
-            # no score mods, scale > 0, no mask: max over raw qk (BM multiplies, not BM x BN) and one
-            # FMA per score for the exponent; every score is finite, so m_new is too
-            qk_scale = sm_scale * LOG2E
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-        else:
-            if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
-                bias = 0.0
-                if HAS_BIAS:
-                    bias = tl.load(Bias_head + i * stride_bm + j * stride_bn, mask=(i < sq) & (j < sk), other=0.0).to(
-                        tl.float32
-                    )
-                s, _t = score_mods(qk, i, j, sm_scale, softcap, slope, bias, off, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
-                s = s * LOG2E
-            else:
-                s = qk * (sm_scale * LOG2E)
+    if lo < hi:  # an empty range (e.g. the masked tail when sk % BLOCK_N == 0) skips the pipeline set-up too
+        for start_n in range(lo, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            j = offs_n[None, :]
+            k_mask = dim_mask(offs_dk, DQK, BLOCK_DQK)
+            v_mask = dim_mask(offs_dv, DV, BLOCK_DV)
             if MASKED:
-                keep = keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-                s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row with every key so far masked has m_new = -inf: subtract 0 instead (no inf - inf NaN)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:
-            p = tl.where(dropout_keep(drop_key, bh, i, j, drop_threshold), p, 0.0)
-        if not PAGED:  # (paged: v_rows came with k_rows from the one page lookup)
-            v_rows = start_n.to(tl.int64) * stride_vs + tile * stride_vs
-        v = tl.load(V_head + v_rows + offs_dv[None, :], mask=v_mask, other=0.0)
-        acc = mma(to_operand(p, v, PRECISION), v, acc * alpha[:, None], PRECISION)
-        m_i = m_new
+                k_mask = k_mask & (offs_n[:, None] < sk)
+                v_mask = v_mask & (offs_n[:, None] < sk)
+            # 64-bit scalar tile base, 32-bit offsets inside the tile (fewer registers than 64-bit per element)
+            tile = tl.arange(0, BLOCK_N)[:, None]
+            if PAGED:
+                k_rows, v_rows = paged_kv_rows(
+                    Table_row,
+                    start_n,
+                    offs_n,
+                    sk,
+                    page_size,
+                    stride_kb,
+                    stride_ks,
+                    stride_vb,
+                    stride_vs,
+                    PAGE_TILE_ALIGNED,
+                )
+            else:
+                k_rows = start_n.to(tl.int64) * stride_ks + tile * stride_ks
+            k = tl.load(K_head + k_rows + offs_dk[None, :], mask=k_mask, other=0.0)
+            qk = mm(q, tl.trans(k), PRECISION)
+            if PLAIN and not MASKED:
+                # no score mods, scale > 0, no mask: max over raw qk (BM multiplies, not BM x BN) and one
+                # FMA per score for the exponent; every score is finite, so m_new is too
+                qk_scale = sm_scale * LOG2E
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+                alpha = tl.math.exp2(m_i - m_new)
+            else:
+                if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
+                    bias = 0.0
+                    if HAS_BIAS:
+                        bias = tl.load(
+                            Bias_head + i * stride_bm + j * stride_bn, mask=(i < sq) & (j < sk), other=0.0
+                        ).to(tl.float32)
+                    s, _t = score_mods(qk, i, j, sm_scale, softcap, slope, bias, off, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+                    s = s * LOG2E
+                else:
+                    s = qk * (sm_scale * LOG2E)
+                if MASKED:
+                    keep = keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+                    s = tl.where(keep, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # a row with every key so far masked has m_new = -inf: subtract 0 instead (no inf - inf NaN)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.math.exp2(s - m_safe[:, None])
+                alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if HAS_DROPOUT:
+                p = tl.where(dropout_keep(drop_key, bh, i, j, drop_threshold), p, 0.0)
+            if not PAGED:  # (paged: v_rows came with k_rows from the one page lookup)
+                v_rows = start_n.to(tl.int64) * stride_vs + tile * stride_vs
+            v = tl.load(V_head + v_rows + offs_dv[None, :], mask=v_mask, other=0.0)
+            acc = mma(to_operand(p, v, PRECISION), v, acc * alpha[:, None], PRECISION)
+            m_i = m_new
     return acc, m_i, l_i
 
 
@@ -251,8 +262,8 @@ def attn_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_ptrs = Q_seq + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs
-    q = tl.load(q_ptrs + offs_dk[None, :], mask=(offs_m[:, None] < sq) & (dim_mask(offs_dk, DQK, BLOCK_DQK)), other=0.0)
+    # rows past sq are never stored; their (repeated) q only feeds their own discarded scores
+    q = load_rows(Q_seq + h * stride_qh, offs_m, sq, stride_qs, offs_dk, DQK, BLOCK_DQK)
     K_head = K_seq + (h // q_per_k) * stride_kh
     V_head = V_seq + (h // q_per_v) * stride_vh
     Bias_head = Bias + b.to(tl.int64) * stride_bb + h * stride_bh
