@@ -67,6 +67,10 @@ def main() -> None:
             )
             for e in sorted(events, key=lambda e: -e.self_device_time_total)[:6]:
                 print(f"   {e.self_device_time_total / 10:9.1f} us  x{e.count // 10:<3d} {e.key[:90]}")
+            # the last step's kernels in launch order: tells apart launches of one kernel (dK/dV, then dQ)
+            kernels = sorted((e for e in prof.events() if e.device_time_total > 0), key=lambda e: e.time_range.start)
+            last = kernels[-len(kernels) // 10 :]
+            print("   last step: " + ", ".join(f"{e.name[:24]} {e.device_time_total:.0f}" for e in last))
 
     from flexattn_ops import triton_tuning
 
