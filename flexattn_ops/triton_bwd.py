@@ -135,7 +135,7 @@ def _dkdv_inner(
     # Without causal/window masks the masked loop is the tail past the last whole query tile, empty when
     # sq % BLOCK_M == 0: then skip its pipeline set-up too (~580 instructions a program at hd128 64x128).
     # H100 dK/dV at seqlen 512: hd64 425 -> 362 us, hd256 632 -> 597. The other loops are not guarded: a guard
-    # around the causal masked loop (never empty) cost 20% at hd128 2k / 8k (benchmarks/RESULTS.md, session 6).
+    # around the causal masked loop (never empty) cost 19-26% at hd128 2k / 8k (benchmarks/RESULTS.md, session 6).
     run = True
     if MASKED and not (HAS_LEFT or HAS_RIGHT):
         run = lo < hi
