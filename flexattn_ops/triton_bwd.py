@@ -32,11 +32,11 @@ from flexattn_ops.triton_common import (
     keep_mask,
     key_tile_bounds,
     load_rows,
+    log2_scores,
     mm,
     mma,
     paged_kv_rows,
     query_tile_bounds,
-    score_mods,
     seq_bounds,
     to_operand,
 )
@@ -171,17 +171,10 @@ def _dkdv_inner(
                 lse = tl.load(Lse_bh + offs_m)
             # a fully masked row has lse = -inf and must give p = 0: use +inf there
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-            t = 0.0
-            if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
-                bias = 0.0
-                if HAS_BIAS:
-                    bias = tl.load(Bias_head + i * stride_bm + j * stride_bn, mask=(i < sq) & (j < sk), other=0.0).to(
-                        tl.float32
-                    )
-                s, t = score_mods(qk_t, i, j, sm_scale, softcap, slope, bias, off, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
-                s = s * LOG2E
-            else:
-                s = qk_t * (sm_scale * LOG2E)
+            s, t = log2_scores(
+                qk_t, i, j, Bias_head, stride_bm, stride_bn, sq, sk, sm_scale, softcap, slope, off,
+                HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+            )  # fmt: skip
             p_t = tl.math.exp2(s - lse2[None, :])
             if MASKED:
                 p_t = tl.where(keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT, HAS_RIGHT), p_t, 0.0)
@@ -534,17 +527,10 @@ def _dq_inner(
             k = tl.load(K_head + k_rows + offs_dk[None, :], mask=k_mask, other=0.0)
             v = tl.load(V_head + v_rows + offs_dv[None, :], mask=v_mask, other=0.0)
             qk = mm(q, tl.trans(k), PRECISION)
-            t = 0.0
-            if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
-                bias = 0.0
-                if HAS_BIAS:
-                    bias = tl.load(Bias_head + i * stride_bm + j * stride_bn, mask=(i < sq) & (j < sk), other=0.0).to(
-                        tl.float32
-                    )
-                s, t = score_mods(qk, i, j, sm_scale, softcap, slope, bias, off, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
-                s = s * LOG2E
-            else:
-                s = qk * (sm_scale * LOG2E)
+            s, t = log2_scores(
+                qk, i, j, Bias_head, stride_bm, stride_bn, sq, sk, sm_scale, softcap, slope, off,
+                HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+            )  # fmt: skip
             p = tl.math.exp2(s - lse2[:, None])
             if MASKED:
                 p = tl.where(keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT, HAS_RIGHT), p, 0.0)

@@ -134,6 +134,38 @@ def score_mods(
 
 
 @triton.jit
+def log2_scores(
+    qk,
+    i,
+    j,
+    Bias_head,
+    stride_bm,
+    stride_bn,
+    sq,
+    sk,
+    sm_scale,
+    softcap,
+    slope,
+    off,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """A tile's scores in log2 units (score_mods times log2(e)) and softcap's tanh: (s, t). The bias tile is
+    Bias_head[i, j] for rows i < sq and keys j < sk; i and j broadcast against qk (S, or S^T in dK/dV)."""
+    if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
+        bias = 0.0
+        if HAS_BIAS:
+            bias = tl.load(Bias_head + i * stride_bm + j * stride_bn, mask=(i < sq) & (j < sk), other=0.0).to(
+                tl.float32
+            )
+        s, t = score_mods(qk, i, j, sm_scale, softcap, slope, bias, off, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
+        return s * LOG2E, t
+    else:
+        return qk * (sm_scale * LOG2E), 0.0
+
+
+@triton.jit
 def keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Step 4: key exists and lies in [i + off - left, i + off + right] (bottom-right aligned)."""
     keep = j < sk

@@ -26,6 +26,7 @@ from flexattn_ops.triton_common import (
     keep_mask,
     key_tile_bounds,
     load_rows,
+    log2_scores,
     mm,
     mma,
     paged_kv_rows,
@@ -123,16 +124,10 @@ def _fwd_inner(
                 p = tl.math.exp2(qk * qk_scale - m_new[:, None])
                 alpha = tl.math.exp2(m_i - m_new)
             else:
-                if HAS_SOFTCAP or HAS_ALIBI or HAS_BIAS:
-                    bias = 0.0
-                    if HAS_BIAS:
-                        bias = tl.load(
-                            Bias_head + i * stride_bm + j * stride_bn, mask=(i < sq) & (j < sk), other=0.0
-                        ).to(tl.float32)
-                    s, _t = score_mods(qk, i, j, sm_scale, softcap, slope, bias, off, HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS)
-                    s = s * LOG2E
-                else:
-                    s = qk * (sm_scale * LOG2E)
+                s, _t = log2_scores(
+                    qk, i, j, Bias_head, stride_bm, stride_bn, sq, sk, sm_scale, softcap, slope, off,
+                    HAS_SOFTCAP, HAS_ALIBI, HAS_BIAS,
+                )  # fmt: skip
                 if MASKED:
                     keep = keep_mask(i, j, sk, off, window_left, window_right, HAS_LEFT, HAS_RIGHT)
                     s = tl.where(keep, s, float("-inf"))
