@@ -31,6 +31,7 @@ from flexattn_ops.triton_common import (
     fill_rows,
     keep_mask,
     key_tile_bounds,
+    kv_tile_rows,
     load_rows,
     log2_scores,
     mm,
@@ -38,6 +39,7 @@ from flexattn_ops.triton_common import (
     paged_kv_rows,
     query_tile_bounds,
     seq_bounds,
+    tile_masks,
     to_operand,
 )
 
@@ -146,11 +148,7 @@ def _dkdv_inner(
             start_m = tl.multiple_of(start_m, BLOCK_M)
             offs_m = start_m + tl.arange(0, BLOCK_M)
             i = offs_m[None, :]
-            q_mask = dim_mask(offs_dk, DQK, BLOCK_DQK)
-            do_mask = dim_mask(offs_dv, DV, BLOCK_DV)
-            if MASKED:
-                q_mask = q_mask & (offs_m[:, None] < sq)
-                do_mask = do_mask & (offs_m[:, None] < sq)
+            q_mask, do_mask = tile_masks(offs_m, sq, offs_dk, DQK, BLOCK_DQK, offs_dv, DV, BLOCK_DV, MASKED)
             tile = tl.arange(0, BLOCK_M)[:, None]
             q = tl.load(
                 Q_head + start_m.to(tl.int64) * stride_qs + tile * stride_qs + offs_dk[None, :], mask=q_mask, other=0.0
@@ -502,28 +500,11 @@ def _dq_inner(
             start_n = tl.multiple_of(start_n, BLOCK_N)
             offs_n = start_n + tl.arange(0, BLOCK_N)
             j = offs_n[None, :]
-            k_mask = dim_mask(offs_dk, DQK, BLOCK_DQK)
-            v_mask = dim_mask(offs_dv, DV, BLOCK_DV)
-            if MASKED:
-                k_mask = k_mask & (offs_n[:, None] < sk)
-                v_mask = v_mask & (offs_n[:, None] < sk)
-            tile = tl.arange(0, BLOCK_N)[:, None]
-            if PAGED:
-                k_rows, v_rows = paged_kv_rows(
-                    Table_row,
-                    start_n,
-                    offs_n,
-                    sk,
-                    page_size,
-                    stride_kb,
-                    stride_ks,
-                    stride_vb,
-                    stride_vs,
-                    PAGE_TILE_ALIGNED,
-                )
-            else:
-                k_rows = start_n.to(tl.int64) * stride_ks + tile * stride_ks
-                v_rows = start_n.to(tl.int64) * stride_vs + tile * stride_vs
+            k_mask, v_mask = tile_masks(offs_n, sk, offs_dk, DQK, BLOCK_DQK, offs_dv, DV, BLOCK_DV, MASKED)
+            k_rows, v_rows = kv_tile_rows(
+                Table_row, start_n, offs_n, sk, page_size, stride_kb, stride_ks, stride_vb, stride_vs, BLOCK_N, PAGED,
+                PAGE_TILE_ALIGNED,
+            )  # fmt: skip
             k = tl.load(K_head + k_rows + offs_dk[None, :], mask=k_mask, other=0.0)
             v = tl.load(V_head + v_rows + offs_dv[None, :], mask=v_mask, other=0.0)
             qk = mm(q, tl.trans(k), PRECISION)

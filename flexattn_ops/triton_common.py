@@ -58,6 +58,21 @@ def dim_mask(offs, D: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def tile_masks(
+    offs, n, offs_a, A: tl.constexpr, BLOCK_A: tl.constexpr, offs_b, B: tl.constexpr, BLOCK_B: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    """Load masks of the two tiles a loop iteration reads along rows `offs` (keys for K and V, queries for Q and
+    dO), of head dims A and B: the real head-dim columns, and in masked loops the rows < n."""
+    mask_a = dim_mask(offs_a, A, BLOCK_A)
+    mask_b = dim_mask(offs_b, B, BLOCK_B)
+    if MASKED:
+        mask_a = mask_a & (offs[:, None] < n)
+        mask_b = mask_b & (offs[:, None] < n)
+    return mask_a, mask_b
+
+
+@triton.jit
 def load_rows(Base, rows, n_rows, stride, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
     """(len(rows), BLOCK_D) tile of Base[row * stride + d] for the rows < n_rows (n_rows >= 1), zero in the
     padded head-dim columns. With an unpadded head dim, rows past n_rows repeat row n_rows - 1 instead of
@@ -288,6 +303,22 @@ def paged_kv_rows(
     k_rows = page_offsets(page, slot, stride_kb, stride_ks)
     v_rows = page_offsets(page, slot, stride_vb, stride_vs)
     return k_rows[:, None], v_rows[:, None]
+
+
+@triton.jit
+def kv_tile_rows(
+    Table_row, start_n, offs_n, sk, page_size, stride_kb, stride_ks, stride_vb, stride_vs,
+    BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_TILE_ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """(BLOCK_N, 1) row offsets in K and V of the key tile at start_n: through the page table when PAGED, else
+    a 64-bit scalar tile base plus 32-bit offsets inside the tile (fewer registers than 64-bit per element)."""
+    if PAGED:
+        return paged_kv_rows(
+            Table_row, start_n, offs_n, sk, page_size, stride_kb, stride_ks, stride_vb, stride_vs, PAGE_TILE_ALIGNED
+        )
+    else:
+        tile = tl.arange(0, BLOCK_N)[:, None]
+        return start_n.to(tl.int64) * stride_ks + tile * stride_ks, start_n.to(tl.int64) * stride_vs + tile * stride_vs
 
 
 @triton.jit

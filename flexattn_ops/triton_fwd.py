@@ -25,13 +25,14 @@ from flexattn_ops.triton_common import (
     fill_rows,
     keep_mask,
     key_tile_bounds,
+    kv_tile_rows,
     load_rows,
     log2_scores,
     mm,
     mma,
-    paged_kv_rows,
     score_mods,
     seq_bounds,
+    tile_masks,
     to_operand,
 )
 
@@ -92,28 +93,11 @@ def _fwd_inner(
             start_n = tl.multiple_of(start_n, BLOCK_N)
             offs_n = start_n + tl.arange(0, BLOCK_N)
             j = offs_n[None, :]
-            k_mask = dim_mask(offs_dk, DQK, BLOCK_DQK)
-            v_mask = dim_mask(offs_dv, DV, BLOCK_DV)
-            if MASKED:
-                k_mask = k_mask & (offs_n[:, None] < sk)
-                v_mask = v_mask & (offs_n[:, None] < sk)
-            # 64-bit scalar tile base, 32-bit offsets inside the tile (fewer registers than 64-bit per element)
-            tile = tl.arange(0, BLOCK_N)[:, None]
-            if PAGED:
-                k_rows, v_rows = paged_kv_rows(
-                    Table_row,
-                    start_n,
-                    offs_n,
-                    sk,
-                    page_size,
-                    stride_kb,
-                    stride_ks,
-                    stride_vb,
-                    stride_vs,
-                    PAGE_TILE_ALIGNED,
-                )
-            else:
-                k_rows = start_n.to(tl.int64) * stride_ks + tile * stride_ks
+            k_mask, v_mask = tile_masks(offs_n, sk, offs_dk, DQK, BLOCK_DQK, offs_dv, DV, BLOCK_DV, MASKED)
+            k_rows, v_rows = kv_tile_rows(
+                Table_row, start_n, offs_n, sk, page_size, stride_kb, stride_ks, stride_vb, stride_vs, BLOCK_N, PAGED,
+                PAGE_TILE_ALIGNED,
+            )  # fmt: skip
             k = tl.load(K_head + k_rows + offs_dk[None, :], mask=k_mask, other=0.0)
             qk = mm(q, tl.trans(k), PRECISION)
             if PLAIN and not MASKED:
@@ -139,8 +123,6 @@ def _fwd_inner(
             l_i = l_i * alpha + tl.sum(p, 1)
             if HAS_DROPOUT:
                 p = tl.where(dropout_keep(drop_key, bh, i, j, drop_threshold), p, 0.0)
-            if not PAGED:  # (paged: v_rows came with k_rows from the one page lookup)
-                v_rows = start_n.to(tl.int64) * stride_vs + tile * stride_vs
             v = tl.load(V_head + v_rows + offs_dv[None, :], mask=v_mask, other=0.0)
             acc = mma(to_operand(p, v, PRECISION), v, acc * alpha[:, None], PRECISION)
             m_i = m_new
