@@ -134,8 +134,9 @@ def _dkdv_inner(
     offs_dk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     j = offs_n[:, None]
-    # Without causal/window masks the masked loop is the tail past the last whole query tile, empty when
-    # sq % BLOCK_M == 0: then skip its pipeline set-up too (~580 instructions a program at hd128 64x128).
+    # Without causal/window masks the masked loops are the (always empty) head and the tail past the last whole
+    # query tile, empty when sq % BLOCK_M == 0: then skip the tail's pipeline set-up too (~580 instructions a
+    # program at hd128 64x128).
     # H100 dK/dV at seqlen 512: hd64 425 -> 362 us, hd256 632 -> 597. The other loops are not guarded: a guard
     # around the causal masked loop (never empty) cost 19-26% at hd128 2k / 8k (benchmarks/RESULTS.md, session 6).
     run = True

@@ -74,12 +74,15 @@ def tile_masks(
 
 @triton.jit
 def load_rows(Base, rows, n_rows, stride, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(len(rows), BLOCK_D) tile of Base[row * stride + d] for the rows < n_rows (n_rows >= 1), zero in the
-    padded head-dim columns. With an unpadded head dim, rows past n_rows repeat row n_rows - 1 instead of
-    reading zeros: callers keep such rows out of every result (p = 0 there, masked stores). An unmasked
-    load needs no zero-filled destination registers, which at hd128 made ptxas stall the resident tile's
-    loads on register reuse, serialising their latency (ncu, H100 seqlen 512: 24% of the dK/dV kernel's
-    stall samples before its loop, vs 8% in FlexAttention's; benchmarks/RESULTS.md, session 6)."""
+    """(len(rows), BLOCK_D) tile of Base[row * stride + d] for the rows < n_rows, zero in the padded head-dim
+    columns. Needs n_rows >= 1 (else row -1 is read): varlen programs return before loading when their sequence
+    has no rows there, and the host launches no dense kernel for empty q or k (triton_backend).
+
+    With an unpadded head dim, rows past n_rows repeat row n_rows - 1 instead of reading zeros; callers keep
+    such rows out of every result (p = 0 there, masked stores). A masked load first zero-fills its destination
+    registers, and at hd128 ptxas then stalled the issue of the tile's remaining loads on register reuse,
+    serialising their latency (ncu SASS, benchmarks/RESULTS.md session 6). Unmasked: H100 hd128 seqlen 512,
+    one-launch backward 622 -> 580 us, forward 213 -> 207 us."""
     if D == BLOCK_D:
         r = tl.minimum(rows, n_rows - 1).to(tl.int64)
         return tl.load(Base + r[:, None] * stride + offs_d[None, :])

@@ -16,6 +16,11 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from flexattn_ops.triton_common import load_rows  # noqa: E402
+from flexattn_ops.triton_tuning import pad_dim  # noqa: E402
 from tests.triton_cases import Case, backward_twice_equal, check_case  # noqa: E402
 
 pytestmark = [
@@ -186,3 +191,31 @@ def test_retune_env_selects_kinds(value: str, retuned: set, monkeypatch) -> None
 
     monkeypatch.setenv("FLEXATTN_TRITON_RETUNE", value)
     assert {k for k in ("fwd", "dkdv", "dq", "bwd") if triton_tuning.retunes(k)} == retuned
+
+
+@triton.jit
+def _load_rows_kernel(Buf, Out, n, stride, D: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile = load_rows(Buf, rows, n, stride, offs_d, D, BLOCK_D)
+    tl.store(Out + rows[:, None] * BLOCK_D + offs_d[None, :], tile)
+
+
+@pytest.mark.parametrize("d", [16, 24])
+@pytest.mark.parametrize("n", [1, 5, 16])
+def test_load_rows_reads_only_rows_below_n(n: int, d: int) -> None:
+    """Resident tiles (Q in the forward; K/V, Q/dO in the backward) of the last, partial tile: rows past n repeat
+    row n - 1 with an unpadded head dim and are zero with a padded one, and nothing outside rows [0, n) is read.
+    The memory around the n valid rows holds NaN, so a read past the end (a missing or wrong clamp) shows up;
+    the oracle tests cannot see one, since those rows never reach a result."""
+    block_d, rows = pad_dim(d), 16
+    buf = torch.full((2 + n + rows, d), float("nan"))
+    valid = torch.randn(n, d)
+    buf[2 : 2 + n] = valid
+    out = torch.full((rows, block_d), float("nan"))
+    _load_rows_kernel[(1,)](buf[2:], out, n, d, D=d, BLOCK_D=block_d, ROWS=rows)
+    assert not out.isnan().any()
+    assert torch.equal(out[:n, :d], valid)
+    past = valid[n - 1].expand(rows - n, d) if d == block_d else torch.zeros(rows - n, d)
+    assert torch.equal(out[n:, :d], past)
+    assert not out[:, d:].any()
