@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from flexattn_ops import dispatch
+from flexattn_ops import dispatch, ops
 from flexattn_ops.params import AttnArgs, KVCacheArgs
 
 AttnOutput = Union[Tensor, tuple[Tensor, Tensor, Optional[Tensor]]]
@@ -74,7 +74,7 @@ def _attn_args(
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs, return_attn_probs: bool) -> AttnOutput:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    out, lse = torch.ops.flexattn.fwd(q, k, v, *a)
+    out, lse = ops.attention_fwd(q, k, v, *a)
     if not return_attn_probs:
         return out
     if a.is_varlen:

@@ -89,6 +89,9 @@ def _bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     return dq, dk, dv, q.new_empty(0) if dbias is None else dbias, q.new_empty(0) if dsink is None else dsink
 
 
+_NO_DOUBLE_BACKWARD = "flexattn bwd has no derivative: double backward is not supported"
+
+
 class _BwdFunction(torch.autograd.Function):
     """bwd's outputs when its inputs need gradients (a backward with create_graph=True, or a direct call on
     tensors that require grad): they carry a node that raises if differentiated, as custom_op's did."""
@@ -100,7 +103,7 @@ class _BwdFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise NotImplementedError("flexattn bwd has no derivative: double backward is not supported")
+        raise NotImplementedError(_NO_DOUBLE_BACKWARD)
 
 
 def _bwd_autograd(keys, *args):
@@ -136,13 +139,13 @@ def _fwd_setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(q, k, v, out, lse, *(args[i] for i in _TENSOR_FIELDS))
 
 
-def _fwd_backward(ctx, dout: Tensor, _dlse: Tensor):
+def _fwd_backward(ctx, dout: Tensor, _dlse: Tensor, bwd=_BWD):
     q, k, v, out, lse, *tensor_args = ctx.saved_tensors
     args = list(ctx.attn)
     for i, t in zip(_TENSOR_FIELDS, tensor_args, strict=True):
         args[i] = t
     bias_requires_grad = ctx.needs_input_grad[3 + _BIAS]
-    dq, dk, dv, dbias, dsink = torch.ops.flexattn.bwd(
+    dq, dk, dv, dbias, dsink = bwd(
         dout if dout.stride(-1) == 1 else dout.contiguous(), q, k, v, out, lse, *args, bias_requires_grad
     )
     grads: list = [None] * len(args)
@@ -181,6 +184,51 @@ def _fwd_autograd(keys, q: Tensor, k: Tensor, v: Tensor, *args):
 
 
 _LIB.impl("fwd", _fwd_autograd, "Autograd", with_keyset=True)
+
+
+class _TransformFwdFunction(torch.autograd.Function):
+    """fwd's derivative for torch.func's grad and vjp. functorch sees an autograd.Function only when it is applied
+    from Python: applied inside the op's Autograd kernel (_FwdFunction) it fails ("could not find kernel for
+    HigherOrderOperator custom_function_call"). It needs forward and setup_context apart, and forward calls the
+    op itself, which then runs below autograd. No vmap rule: jacrev / jacfwd / vmap are not supported."""
+
+    @staticmethod
+    def forward(q: Tensor, k: Tensor, v: Tensor, *args):
+        with torch.no_grad():  # under grad, forward's inputs can still require grad: skip fwd's own derivative
+            return _FWD(q, k, v, *args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _fwd_setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor, dlse: Tensor):
+        return _fwd_backward(ctx, dout, dlse, _TransformBwdFunction.apply)
+
+
+class _TransformBwdFunction(torch.autograd.Function):
+    """bwd inside _TransformFwdFunction's backward, applied from Python for the same reason: torch.func.grad
+    differentiates with create_graph, and a nested grad of grad must raise, not see constants."""
+
+    @staticmethod
+    def forward(*args):
+        with torch.no_grad():
+            return _BWD(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(_NO_DOUBLE_BACKWARD)
+
+
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, *args) -> tuple[Tensor, Tensor]:
+    """`torch.ops.flexattn.fwd`; under torch.func transforms, the same op applied where they see its derivative."""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return _TransformFwdFunction.apply(q, k, v, *args)
+    return _FWD(q, k, v, *args)
 
 
 @custom_op(

@@ -127,6 +127,29 @@ def test_double_backward_raises():
         torch.autograd.grad(dq2.sum(), q)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_func_grad_and_vjp(causal: bool):
+    """torch.func.grad and vjp over flash_attn_func give autograd's gradients (GQA, odd lengths); a grad of
+    grad raises, as double backward does."""
+    from flexattn_ops import flash_attn_func
+
+    q, k, v = torch.randn(2, 9, 4, 24), torch.randn(2, 13, 2, 24), torch.randn(2, 13, 2, 24)
+    dout = torch.randn(2, 9, 4, 24)
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    flash_attn_func(qg, kg, vg, causal=causal).backward(dout)
+
+    def loss(q, k, v):
+        return (flash_attn_func(q, k, v, causal=causal) * dout).sum()
+
+    grads = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    _, vjp_fn = torch.func.vjp(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), q, k, v)
+    for got in (grads, vjp_fn(dout)):
+        for g, want in zip(got, (qg.grad, kg.grad, vg.grad), strict=True):
+            torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.func.grad(lambda q: torch.func.grad(loss)(q, k, v).sum())(q)
+
+
 def test_forward_mode_ad_raises():
     """fwd has no jvp: a dual input raises instead of silently getting a zero tangent; inside a dual level,
     inputs without tangents still run."""
