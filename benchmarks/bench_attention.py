@@ -8,8 +8,8 @@ every implementation is measured R times a shape, in alternating order, and the 
 of the same kernels moved by 2-3% between processes at 2k-8k, as much as the differences measured).
 
 Peers: PyTorch SDPA with the flash backend (FlashAttention-2), the cuDNN backend, and compiled
-FlexAttention (one compile per shape and grad mode, as in peers.py). Ours: `torch.ops.flexattn.fwd`
-(and its autograd) with FLEXATTN_BACKEND=triton (impl "triton") or =cuda (impl "cuda": the SM90
+FlexAttention (one compile per shape and grad mode, as in peers.py). Ours: `flash_attn_func` in eager
+code (since session 7; before, `torch.ops.flexattn.fwd` through the dispatcher) with FLEXATTN_BACKEND=triton (impl "triton") or =cuda (impl "cuda": the SM90
 forward; its backward is Triton's).
 
 Usage: python benchmarks/bench_attention.py [--part core|pairs|all] [--seqs 512,2048,8192,16384]
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import statistics
 import sys
@@ -34,8 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import flexattn_ops  # noqa: E402,F401  (registers torch.ops.flexattn)
-from flexattn_ops.params import AttnArgs  # noqa: E402
+from flexattn_ops import flash_attn_func  # noqa: E402
 
 DT = torch.bfloat16
 DEV = "cuda"
@@ -60,13 +58,12 @@ PEERS = ("flex", "sdpa_flash", "sdpa_cudnn")
 
 
 def ours_fn(causal: bool, backend: str) -> Callable:
-    """(b, h, s, d) inputs like SDPA's; ours takes (b, s, h, d), so pass transposed views (strided inputs)."""
+    """(b, h, s, d) inputs like SDPA's; ours takes (b, s, h, d), so pass transposed views (strided inputs).
+    Through the public API, as users call it (in eager code that skips the dispatcher: ops.attention_fwd)."""
 
     def fn(q, k, v):
         os.environ["FLEXATTN_BACKEND"] = backend  # read by dispatch at each call
-        a = AttnArgs(softmax_scale=1.0 / math.sqrt(q.shape[-1]), window_right=0 if causal else -1)
-        out, _ = torch.ops.flexattn.fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), *a)
-        return out
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
 
     return fn
 

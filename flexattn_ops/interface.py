@@ -2,7 +2,8 @@
 plus the extensions of SPEC section 2 as keyword-only arguments.
 
 Each function turns its arguments into an `AttnArgs`, makes q/k/v last-dim contiguous and calls
-`torch.ops.flexattn.fwd` (whose autograd calls `torch.ops.flexattn.bwd`).
+`ops.attention_fwd`: `torch.ops.flexattn.fwd` (whose autograd calls `torch.ops.flexattn.bwd`), or in
+unobserved eager code the same implementations without the dispatcher.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _attn_args(
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs, return_attn_probs: bool) -> AttnOutput:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    out, lse = ops.attention_fwd(q, k, v, *a)
+    out, lse = ops.attention_fwd(q, k, v, a)
     if not return_attn_probs:
         return out
     if a.is_varlen:

@@ -11,9 +11,15 @@ defaults on every call (`fill_defaults`, quadratic in the argument count): on th
 (benchmarks/results/host_overhead_parts_h100.log); moving bwd off custom_op cut a fwd+bwd step through
 autograd from 732 to 628 us (benchmarks/results/host_overhead_parts_h100_s4{,_after}.log).
 The other ops stay `custom_op`s.
+
+The API reaches `fwd` through `attention_fwd`: under torch.compile / export it is the op; in plain eager
+code, where nothing observes ops, the same implementations and derivative run without the dispatcher
+(`_EagerFwdFunction`), which halves the host time of a training step's attention.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -84,8 +90,13 @@ def _bwd_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
     *attn, bias_requires_grad = args
     a = AttnArgs(*attn)
     check_attention(q, k, v, a)
+    return _bwd_checked(dout, q, k, v, out, lse, a, bias_requires_grad)
+
+
+def _bwd_checked(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, a: AttnArgs, bias_grad: bool):
+    """`_bwd_impl` past check_attention: for callers that checked (q, k, v, a) already (fwd, for its derivative)."""
     check_backward(dout, q, v, out, lse, a)
-    dq, dk, dv, dbias, dsink = dispatch.select("bwd", q, k, v, a).bwd(dout, q, k, v, out, lse, a, bias_requires_grad)
+    dq, dk, dv, dbias, dsink = dispatch.select("bwd", q, k, v, a).bwd(dout, q, k, v, out, lse, a, bias_grad)
     return dq, dk, dv, q.new_empty(0) if dbias is None else dbias, q.new_empty(0) if dsink is None else dsink
 
 
@@ -131,44 +142,48 @@ def probs(q: Tensor, k: Tensor, v: Tensor, *args) -> Tensor:
 probs.register_fake(probs_fake)
 
 
-def _fwd_setup_context(ctx, inputs, output) -> None:
-    q, k, v, *args = inputs
+# fwd's derivative, shared by the three autograd.Functions below. Each takes (q, k, v, attn_bias, sinks, a):
+# the AttnArgs tuple rides as one opaque input (apply's per-input checks cost ~0.5 us each on this host, for 16
+# fields), and the two fields with gradients come again as inputs so autograd tracks them.
+_BIAS_INPUT, _SINKS_INPUT = 3, 4
+
+
+def _fwd_setup_context(ctx, q: Tensor, k: Tensor, v: Tensor, a: AttnArgs, output) -> None:
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.attn = [None if i in _TENSOR_FIELDS else x for i, x in enumerate(args)]
-    ctx.save_for_backward(q, k, v, out, lse, *(args[i] for i in _TENSOR_FIELDS))
+    ctx.attn = [None if i in _TENSOR_FIELDS else x for i, x in enumerate(a)]
+    ctx.save_for_backward(q, k, v, out, lse, *(a[i] for i in _TENSOR_FIELDS))
 
 
-def _fwd_backward(ctx, dout: Tensor, _dlse: Tensor, bwd=_BWD):
+def _fwd_backward(ctx, dout: Tensor, bwd) -> tuple:
+    """Gradients of (q, k, v, attn_bias, sinks, a) from `bwd(dout, q, k, v, out, lse, a, bias_requires_grad)`."""
     q, k, v, out, lse, *tensor_args = ctx.saved_tensors
     args = list(ctx.attn)
     for i, t in zip(_TENSOR_FIELDS, tensor_args, strict=True):
         args[i] = t
-    bias_requires_grad = ctx.needs_input_grad[3 + _BIAS]
-    dq, dk, dv, dbias, dsink = bwd(
-        dout if dout.stride(-1) == 1 else dout.contiguous(), q, k, v, out, lse, *args, bias_requires_grad
-    )
-    grads: list = [None] * len(args)
-    if bias_requires_grad:
-        grads[_BIAS] = dbias
-    if ctx.needs_input_grad[3 + _SINKS]:
-        grads[_SINKS] = dsink
-    return (dq, dk, dv, *grads)
+    bias_requires_grad = ctx.needs_input_grad[_BIAS_INPUT]
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    dq, dk, dv, dbias, dsink = bwd(dout, q, k, v, out, lse, AttnArgs(*args), bias_requires_grad)
+    dsink = dsink if ctx.needs_input_grad[_SINKS_INPUT] else None
+    return dq, dk, dv, dbias if bias_requires_grad else None, dsink, None
+
+
+def _bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, a: AttnArgs, bias_grad: bool):
+    return _BWD(dout, q, k, v, out, lse, *a, bias_grad)
 
 
 class _FwdFunction(torch.autograd.Function):
-    """fwd's derivative: the dispatch key set rides last among the inputs (no gradient)."""
+    """fwd's derivative inside its Autograd kernel: the dispatch key set rides last among the inputs."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, *args_and_keys):
-        *args, keys = args_and_keys
-        output = _below_autograd(_FWD, keys, q, k, v, *args)
-        _fwd_setup_context(ctx, (q, k, v, *args), output)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_bias, sinks, a: AttnArgs, keys):
+        output = _below_autograd(_FWD, keys, q, k, v, *a)
+        _fwd_setup_context(ctx, q, k, v, a, output)
         return output
 
     @staticmethod
-    def backward(ctx, dout: Tensor, dlse: Tensor):
-        return (*_fwd_backward(ctx, dout, dlse), None)
+    def backward(ctx, dout: Tensor, _dlse: Tensor):
+        return (*_fwd_backward(ctx, dout, _bwd_op), None)
 
 
 def _fwd_autograd(keys, q: Tensor, k: Tensor, v: Tensor, *args):
@@ -179,7 +194,8 @@ def _fwd_autograd(keys, q: Tensor, k: Tensor, v: Tensor, *args):
     ):
         raise NotImplementedError("flexattn attention has no forward-mode derivative (jvp); use reverse mode")
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (q, k, v, *args)):
-        return _FwdFunction.apply(q, k, v, *args, keys)
+        a = AttnArgs(*args)
+        return _FwdFunction.apply(q, k, v, a.attn_bias, a.sinks, a, keys)
     return _below_autograd(_FWD, keys, q, k, v, *args)
 
 
@@ -193,17 +209,18 @@ class _TransformFwdFunction(torch.autograd.Function):
     op itself, which then runs below autograd. No vmap rule: jacrev / jacfwd / vmap are not supported."""
 
     @staticmethod
-    def forward(q: Tensor, k: Tensor, v: Tensor, *args):
+    def forward(q: Tensor, k: Tensor, v: Tensor, attn_bias, sinks, a: AttnArgs):
         with torch.no_grad():  # under grad, forward's inputs can still require grad: skip fwd's own derivative
-            return _FWD(q, k, v, *args)
+            return _FWD(q, k, v, *a)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        _fwd_setup_context(ctx, inputs, output)
+        q, k, v, _, _, a = inputs
+        _fwd_setup_context(ctx, q, k, v, a, output)
 
     @staticmethod
-    def backward(ctx, dout: Tensor, dlse: Tensor):
-        return _fwd_backward(ctx, dout, dlse, _TransformBwdFunction.apply)
+    def backward(ctx, dout: Tensor, _dlse: Tensor):
+        return _fwd_backward(ctx, dout, _transform_bwd)
 
 
 class _TransformBwdFunction(torch.autograd.Function):
@@ -224,11 +241,69 @@ class _TransformBwdFunction(torch.autograd.Function):
         raise NotImplementedError(_NO_DOUBLE_BACKWARD)
 
 
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, *args) -> tuple[Tensor, Tensor]:
-    """`torch.ops.flexattn.fwd`; under torch.func transforms, the same op applied where they see its derivative."""
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        return _TransformFwdFunction.apply(q, k, v, *args)
-    return _FWD(q, k, v, *args)
+def _transform_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, a: AttnArgs, bias_grad: bool
+):
+    return _TransformBwdFunction.apply(dout, q, k, v, out, lse, *a, bias_grad)
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _unobserved(*tensors: Optional[Tensor]) -> bool:
+    """Whether nothing but the ops' own kernels could see a call here: no dispatch or torch-function mode
+    (FakeTensorMode, FlopCounterMode, export's tracing), no tensor subclass, no profiler (its trace names the
+    ops), no jit tracer, no forward-mode AD level (fwd's Autograd kernel raises for dual inputs)."""
+    return (
+        torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+        and not torch._C._autograd._profiler_enabled()
+        and torch._C._get_tracing_state() is None
+        and forward_ad._current_level < 0
+        and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
+    )
+
+
+def _eager_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, a: AttnArgs, bias_grad: bool):
+    """bwd from _EagerFwdFunction's backward: the implementation directly (fwd checked q, k, v, a), unless the
+    gradients themselves are differentiated (create_graph: the op's Autograd kernel makes that raise) or
+    someone is watching."""
+    if torch.is_grad_enabled() or not _unobserved(dout):
+        return _bwd_op(dout, q, k, v, out, lse, a, bias_grad)
+    return _bwd_checked(dout, q, k, v, out, lse, a, bias_grad)
+
+
+class _EagerFwdFunction(torch.autograd.Function):
+    """fwd's derivative for eager calls on plain tensors, applied from Python straight to the implementations.
+    Going through the dispatcher costs Python kernels on both sides of a redispatch: on the H100 host (torch
+    2.11) the fwd op took 272 us of host time with q requiring grad against 100 us for its Triton launch, and
+    the bwd op 333 us against 180 us for its implementation (benchmarks/results/host_overhead_parts_h100_s7.log),
+    which left a seqlen-512 training step host-bound."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, attn_bias, sinks, a: AttnArgs):
+        output = _fwd_impl(q, k, v, *a)
+        _fwd_setup_context(ctx, q, k, v, a, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout: Tensor, _dlse: Tensor):
+        return _fwd_backward(ctx, dout, _eager_bwd)
+
+
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> tuple[Tensor, Tensor]:
+    """`torch.ops.flexattn.fwd`, which compiled and exported graphs record. Where no graph is being traced, the
+    same implementation and derivative are applied from Python: under torch.func transforms so that they see
+    the derivative, and for unobserved eager calls to save the dispatcher's host time (_EagerFwdFunction)."""
+    if torch.compiler.is_compiling():
+        return _FWD(q, k, v, *a)
+    if torch._C._are_functorch_transforms_active():
+        return _TransformFwdFunction.apply(q, k, v, a.attn_bias, a.sinks, a)
+    if not _unobserved(q, k, v, *(a[i] for i in _TENSOR_FIELDS)):
+        return _FWD(q, k, v, *a)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, a.attn_bias, a.sinks)):
+        return _EagerFwdFunction.apply(q, k, v, a.attn_bias, a.sinks, a)
+    return _fwd_impl(q, k, v, *a)
 
 
 @custom_op(

@@ -115,16 +115,86 @@ def test_bwd_grad_strides_match_fake(layout, backend, monkeypatch):
         assert grad.is_contiguous() == (layout != "permuted")
 
 
-def test_double_backward_raises():
+@pytest.mark.parametrize("entry", ["op", "flash_attn_func"])
+def test_double_backward_raises(entry: str):
     """bwd has no derivative: differentiating the gradients of a create_graph=True backward raises instead
-    of giving wrong second derivatives; the first-order gradients are right either way."""
+    of giving wrong second derivatives; the first-order gradients are right either way. flash_attn_func's
+    eager path (no dispatcher) must raise too."""
+    from flexattn_ops import flash_attn_func
+
     q, k, v = (torch.randn(1, 5, 2, 8, requires_grad=True) for _ in range(3))
-    out, _ = torch.ops.flexattn.fwd(q, k, v, *AttnArgs(softmax_scale=0.3))
+    if entry == "op":
+        out, _ = torch.ops.flexattn.fwd(q, k, v, *AttnArgs(softmax_scale=0.3))
+    else:
+        out = flash_attn_func(q, k, v, softmax_scale=0.3)
     (dq2,) = torch.autograd.grad(out.sum(), q, create_graph=True, retain_graph=True)
     (dq,) = torch.autograd.grad(out.sum(), q)
     assert torch.equal(dq2.detach(), dq) and torch.isfinite(dq).all()
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.grad(dq2.sum(), q)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("feature", list(FEATURE_ARGS))
+def test_eager_path_equals_op_path(device: str, feature: str, monkeypatch):
+    """Unobserved eager calls (ops.attention_fwd, which flash_attn_func calls) skip the dispatcher and apply
+    the implementations from Python; the op's own Autograd kernel must give bitwise the same outputs and
+    gradients, bias and sinks gradients included. Counting calls shows which path each run took."""
+    from flexattn_ops import ops
+
+    calls = {"eager fwd": 0, "op bwd": 0}
+
+    def counted(name, fn):
+        def wrapper(*args):
+            calls[name] += 1
+            return fn(*args)
+
+        return wrapper
+
+    monkeypatch.setattr(ops, "_fwd_impl", counted("eager fwd", ops._fwd_impl))
+    monkeypatch.setattr(ops, "_bwd_op", counted("op bwd", ops._bwd_op))
+    b, sq, sk, hq = 2, 7, 11, 4
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v = (x.to(device, dtype) for x in rand_qkv(b, sq, sk, hq, 2, 2, 16, 8, torch.float32))
+    a = on(FEATURE_ARGS[feature](b, hq, sq, sk), device)
+    bias, sinks = (None if t is None else t.clone().requires_grad_() for t in (a.attn_bias, a.sinks))
+    a = a._replace(attn_bias=bias, sinks=sinks)
+    dout = torch.randn(b, sq, hq, 8, device=device, dtype=dtype)
+    results = {}
+    for path in ("eager", "op"):
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, _ = ops.attention_fwd(*inputs, a) if path == "eager" else torch.ops.flexattn.fwd(*inputs, *a)
+        wrt = inputs + [t for t in (bias, sinks) if t is not None]
+        results[path] = (out, *torch.autograd.grad(out, wrt, dout))
+    assert calls == {"eager fwd": 1, "op bwd": 1}, calls
+    for got, want in zip(results["eager"], results["op"], strict=True):
+        assert torch.equal(got, want)
+
+
+def test_observed_calls_take_the_ops():
+    """A dispatch mode (FakeTensorMode, FlopCounterMode, ...) and the profiler see torch.ops.flexattn.fwd and
+    bwd as ops: the eager path steps aside for them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from flexattn_ops import flash_attn_func
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (torch.randn(1, 5, 2, 8, requires_grad=True) for _ in range(3))
+    with Names() as mode:
+        flash_attn_func(q, k, v, causal=True).sum().backward()
+    assert {"flexattn.fwd.default", "flexattn.bwd.default"} <= mode.names
+    with torch.profiler.profile() as prof:
+        flash_attn_func(q, k, v, causal=True).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert {"flexattn::fwd", "flexattn::bwd"} <= names, sorted(n for n in names if "flexattn" in n)
 
 
 @pytest.mark.parametrize("causal", [False, True])
