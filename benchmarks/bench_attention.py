@@ -9,8 +9,8 @@ of the same kernels moved by 2-3% between processes at 2k-8k, as much as the dif
 
 Peers: PyTorch SDPA with the flash backend (FlashAttention-2), the cuDNN backend, and compiled
 FlexAttention (one compile per shape and grad mode, as in peers.py). Ours: `flash_attn_func` in eager
-code (since session 7; before, `torch.ops.flexattn.fwd` through the dispatcher) with FLEXATTN_BACKEND=triton (impl "triton") or =cuda (impl "cuda": the SM90
-forward; its backward is Triton's).
+code (since session 7; before, `torch.ops.flexattn.fwd` through the dispatcher) with
+FLEXATTN_BACKEND=triton (impl "triton") or =cuda (impl "cuda": the SM90 forward; its backward is Triton's).
 
 Usage: python benchmarks/bench_attention.py [--part core|pairs|all] [--seqs 512,2048,8192,16384]
     [--impls cuda,triton,sdpa_flash,sdpa_cudnn,flex] [--modes fwd,fwd_bwd] [--dims 128x128] [--rounds 3]
