@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-import triton
 from torch import Tensor
 
 from flexattn_ops import triton_tuning as tuning
@@ -167,7 +166,7 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> tuple[Tensor, Tensor]:
     n_seq = seqs.batch + 1 if a.is_varlen else seqs.batch
 
     def launch(cfg: tuning.Config) -> None:
-        grid = (max(1, triton.cdiv(seqs.sq, cfg["BLOCK_M"])), n_seq * hq)
+        grid = (max(1, tuning.cdiv(seqs.sq, cfg["BLOCK_M"])), n_seq * hq)
         attn_fwd_kernel[grid](
             q,
             _nonempty(k),
@@ -231,7 +230,7 @@ def probs(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> Tensor:
     c = _common(q, a)
     bias4, bstr = _bias4(a)
     block = 16 if tuning.interpreting() else 64
-    grid = (triton.cdiv(sq, block), triton.cdiv(sk, block), b * hq)
+    grid = (tuning.cdiv(sq, block), tuning.cdiv(sk, block), b * hq)
     attn_probs_kernel[grid](
         q,
         k,
@@ -311,7 +310,7 @@ def bwd(
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     pre_rows = q.shape[0] if a.is_varlen else sq
     pre_block = 16 if tuning.interpreting() else 64
-    bwd_preprocess_kernel[(triton.cdiv(pre_rows, pre_block), delta.numel() // pre_rows)](
+    bwd_preprocess_kernel[(tuning.cdiv(pre_rows, pre_block), delta.numel() // pre_rows)](
         out,
         dout,
         delta,
@@ -397,10 +396,10 @@ def bwd(
         )
 
     def launch_dkdv(cfg: tuning.Config) -> None:
-        launch("dkdv", (max(1, triton.cdiv(sk, cfg["BLOCK_N"])), b * n_groups), cfg, cfg, cfg["BLOCK_N"])
+        launch("dkdv", (max(1, tuning.cdiv(sk, cfg["BLOCK_N"])), b * n_groups), cfg, cfg, cfg["BLOCK_N"])
 
     def launch_dq(cfg: tuning.Config) -> None:
-        launch("dq", (max(1, triton.cdiv(sq, cfg["BLOCK_M"])), n_seq * hq), cfg, cfg, cfg["BLOCK_N"])
+        launch("dq", (max(1, tuning.cdiv(sq, cfg["BLOCK_M"])), n_seq * hq), cfg, cfg, cfg["BLOCK_N"])
 
     seqlen = max(sq, sk)
     kv_cfg = tuning.get_config("dkdv", q.device, q.dtype, dqk, dv, a.is_causal, launch_dkdv, seqlen)
@@ -408,8 +407,8 @@ def bwd(
 
     def launch_parts(choice: tuning.Config) -> None:
         if choice["one_launch"]:
-            n_key_tiles = triton.cdiv(sk, kv_cfg["BLOCK_N"])
-            grid = (n_key_tiles + triton.cdiv(sq, q_cfg["BLOCK_M"]) * group, b * n_groups)
+            n_key_tiles = tuning.cdiv(sk, kv_cfg["BLOCK_N"])
+            grid = (n_key_tiles + tuning.cdiv(sq, q_cfg["BLOCK_M"]) * group, b * n_groups)
             launch("both", grid, kv_cfg, q_cfg, kv_cfg["BLOCK_N"], n_key_tiles)
         else:
             launch_dkdv(kv_cfg)

@@ -758,7 +758,7 @@ def wave_tiles_measured(device: torch.device) -> bool:
 
 def decode_block_m(rows: int) -> int:
     """BLOCK_M for `rows` packed query rows: 16 (tl.dot's minimum) up to 64."""
-    return min(64, max(16, triton.next_power_of_2(rows)))
+    return min(64, max(16, tuning.next_power_of_2(rows)))
 
 
 def decode_config(dtype: torch.dtype, dqk: int, dv: int, rows: int, programs_per_sm: float = 0.0) -> tuning.Config:
@@ -793,15 +793,15 @@ def choose_num_splits(
     PROGRAMS_PER_SM per SM; paged caches: PAGED_PROGRAMS_PER_SM per SM; each split streams at least
     MIN_KEYS_PER_SPLIT of the cache capacity. H100 (132 SMs), GQA 32/8, b=1 / 16 / 64 / 128 at kv 32k / 8k /
     4k / 2k: contiguous 33 / 1 / 1 / 1 splits, paged 66 / 5 / 2 / 1."""
-    tiles = max(1, triton.cdiv(cache_len, block_n))
+    tiles = max(1, tuning.cdiv(cache_len, block_n))
     if num_splits > 0:
         return max(1, min(num_splits, MAX_SPLITS, tiles))
     if paged:
-        want = triton.cdiv(PAGED_PROGRAMS_PER_SM * sm_count(device), max(1, base_programs))
+        want = tuning.cdiv(PAGED_PROGRAMS_PER_SM * sm_count(device), max(1, base_programs))
     elif base_programs >= NO_SPLIT_FILL * sm_count(device):
         return 1
     else:
-        want = triton.cdiv(PROGRAMS_PER_SM * sm_count(device), max(1, base_programs))
+        want = tuning.cdiv(PROGRAMS_PER_SM * sm_count(device), max(1, base_programs))
     by_len = max(1, cache_len // MIN_KEYS_PER_SPLIT)
     return max(1, min(want, by_len, MAX_SPLITS, tiles))
 
@@ -841,10 +841,10 @@ def fwd_kvcache(
         # 128-key tiles halved the speed at b=128 (1430 against 2643 GB/s) and 32-key tiles cost 9% at b=64.
         per_sm = 0.0
         if not (paged or has_rotary or c.num_splits > 1) and wave_tiles_measured(q.device):
-            per_sm = b * n_groups * triton.cdiv(rows, decode_block_m(rows)) / sm_count(q.device)
+            per_sm = b * n_groups * tuning.cdiv(rows, decode_block_m(rows)) / sm_count(q.device)
         cfg = decode_config(q.dtype, dqk, dv, rows, per_sm)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    m_tiles = max(1, triton.cdiv(rows, block_m))
+    m_tiles = max(1, tuning.cdiv(rows, block_m))
     splits = cfg.get("num_splits") or choose_num_splits(
         c.num_splits, b * n_groups * m_tiles, cache_len, block_n, q.device, paged=paged
     )
@@ -984,7 +984,7 @@ def _launch_combine(
     dv = out_p.shape[-1]
     # a (BLOCK_S, BLOCK_DV) float32 tile of at most 8k values: 64 registers a thread at 4 warps
     max_rows = 16 if tuning.interpreting() else 128
-    block_s = max(2, min(triton.next_power_of_2(splits), 8192 // tuning.pad_dim(dv), max_rows))
+    block_s = max(2, min(tuning.next_power_of_2(splits), 8192 // tuning.pad_dim(dv), max_rows))
     combine_kernel[(n_rows,)](
         out_p,
         lse_p,

@@ -35,10 +35,27 @@ INTERPRET_CONFIG: Config = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_s
 
 _lock = threading.Lock()
 _memory: dict[str, Config] = {}
+# get_config's answers by its arguments: the string key costs ~3 us to build, and a training step asks 4 times
+_picked: dict[tuple, Config] = {}
 
 
+@functools.cache
 def interpreting() -> bool:
+    """Whether the kernels run in Triton's interpreter. Triton decides that once, when it is imported
+    (TRITON_INTERPRET=1), so this reads the variable once too: an environ lookup on every launch cost
+    ~24 lookups per training step."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints. triton.cdiv and triton.next_power_of_2 are constexpr_functions in Triton 3.9,
+    ~4 us a call from Python; a training step called them ~15 times."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), without triton.next_power_of_2's cost (see cdiv)."""
+    return 1 << (n - 1).bit_length()
 
 
 def _cache_path() -> Path:
@@ -48,7 +65,7 @@ def _cache_path() -> Path:
 
 def pad_dim(d: int) -> int:
     """A head dim as a tile dim: tl.dot needs every tile dim >= 16; powers of two cost masked lanes only."""
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -214,9 +231,14 @@ def get_config(
     kernel once) if none is known."""
     if interpreting():
         return default_config(kernel, dtype, dqk, dv)
+    picked_key = (kernel, device, dtype, dqk, dv, causal, seqlen <= SHORT_SEQLEN)
+    cfg = _picked.get(picked_key)
+    if cfg is not None:
+        return cfg
     key = config_key(kernel, device, dtype, dqk, dv, causal, seqlen)
     cfg = _memory.get(key)
     if cfg is not None:
+        _picked[picked_key] = cfg
         return cfg
     with _lock:
         cfg = None if retunes(kernel) else (_tuned_table().get(key) or _load_disk().get(key))
@@ -232,7 +254,7 @@ def get_config(
             return _tuned_table().get(config_key(kernel, device, dtype, dqk, dv, causal)) or default_config(
                 kernel, dtype, dqk, dv
             )
-        _memory[key] = cfg
+        _memory[key] = _picked[picked_key] = cfg
         return cfg
 
 
