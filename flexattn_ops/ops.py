@@ -248,26 +248,33 @@ def _transform_bwd(
 
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
 def _unobserved(*tensors: Optional[Tensor]) -> bool:
-    """Whether nothing but the ops' own kernels could see a call here: no dispatch or torch-function mode
-    (FakeTensorMode, FlopCounterMode, export's tracing), no tensor subclass, no profiler (its trace names the
-    ops), no jit tracer, no forward-mode AD level (fwd's Autograd kernel raises for dual inputs)."""
+    """Whether nothing but the ops' own kernels could see a call here, so skipping the dispatcher changes
+    nothing: not compiling (Dynamo, compiled autograd), no torch.func transform, no dispatch or torch-function
+    mode (FakeTensorMode, FlopCounterMode, export's tracing), no profiler (its trace names the ops), no jit
+    tracer, no forward-mode AD level (fwd's Autograd kernel raises for dual inputs), and plain tensors only: no
+    subclass, no legacy vmap batched tensor (autograd.grad(is_grads_batched=True), jacobian(vectorize=True)),
+    whose per-item fallback is the dispatcher's. Not detectable, so not honoured: an ExecutionTraceObserver
+    (its eager traces lack flexattn::fwd / bwd) and kernels or autocast rules registered for the ops."""
     return (
-        torch._C._len_torch_dispatch_stack() == 0
+        not torch.compiler.is_compiling()  # first: Dynamo cannot trace the torch._C queries below
+        and not torch._C._are_functorch_transforms_active()
+        and torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._is_torch_function_mode_enabled()
         and not torch._C._autograd._profiler_enabled()
         and torch._C._get_tracing_state() is None
         and forward_ad._current_level < 0
-        and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
+        and all(t is None or (type(t) in _PLAIN_TENSORS and not _is_legacy_batched(t)) for t in tensors)
     )
 
 
 def _eager_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, a: AttnArgs, bias_grad: bool):
     """bwd from _EagerFwdFunction's backward: the implementation directly (fwd checked q, k, v, a), unless the
-    gradients themselves are differentiated (create_graph: the op's Autograd kernel makes that raise) or
-    someone is watching."""
+    gradients themselves are differentiated (create_graph: the op's Autograd kernel makes that raise), compiled
+    autograd traces the backward (its graph must hold the op), or someone is watching (_unobserved)."""
     if torch.is_grad_enabled() or not _unobserved(dout):
         return _bwd_op(dout, q, k, v, out, lse, a, bias_grad)
     return _bwd_checked(dout, q, k, v, out, lse, a, bias_grad)
@@ -301,9 +308,15 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> tuple[Tensor,
         return _TransformFwdFunction.apply(q, k, v, a.attn_bias, a.sinks, a)
     if not _unobserved(q, k, v, *(a[i] for i in _TENSOR_FIELDS)):
         return _FWD(q, k, v, *a)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, a.attn_bias, a.sinks)):
+    differentiable = (q, k, v, a.attn_bias, a.sinks)
+    if (
+        torch.is_grad_enabled()
+        and not torch.is_inference_mode_enabled()  # which turns the op's Autograd kernel off: nothing recorded
+        and any(t is not None and t.requires_grad for t in differentiable)
+    ):
         return _EagerFwdFunction.apply(q, k, v, a.attn_bias, a.sinks, a)
-    return _fwd_impl(q, k, v, *a)
+    with torch.no_grad():  # as below the op's Autograd kernel: no graph for what fwd has no gradient of (alibi)
+        return _fwd_impl(q, k, v, *a)
 
 
 @custom_op(

@@ -37,6 +37,31 @@ def test_compile_fullgraph_matches_eager_with_grads(inductor_cache):
     assert block.sinks.requires_grad and grads_c[names.index("sinks")].abs().sum() > 0
 
 
+def test_compiled_autograd_records_bwd_after_an_eager_forward(inductor_cache):
+    """An eager forward (flash_attn_func's path without the dispatcher) followed by a backward under compiled
+    autograd: one graph, holding the flexattn.bwd op, with eager's gradients."""
+    import torch._dynamo.compiled_autograd as compiled_autograd
+
+    from flexattn_ops import flash_attn_func
+
+    q, k, v = (torch.randn(1, 5, 2, 8, requires_grad=True) for _ in range(3))
+    out = flash_attn_func(q, k, v, causal=True)
+    dout = torch.randn_like(out)
+    want = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with compiled_autograd._enable(torch.compile(backend=backend, fullgraph=True)):
+        out.backward(dout)
+    assert len(graphs) == 1
+    assert any(str(n.target) == "flexattn.bwd.default" for n in graphs[0].graph.nodes)
+    for got, w in zip((q.grad, k.grad, v.grad), want, strict=True):
+        assert torch.equal(got, w)
+
+
 def test_dynamic_seqlen_no_recompile_no_graph_break(inductor_cache):
     counters.clear()
     block = Block()

@@ -8,6 +8,8 @@ import os
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import flexattn_ops  # noqa: F401  (registers the ops)
 from flexattn_ops.params import AttnArgs
@@ -171,30 +173,93 @@ def test_eager_path_equals_op_path(device: str, feature: str, monkeypatch):
         assert torch.equal(got, want)
 
 
-def test_observed_calls_take_the_ops():
-    """A dispatch mode (FakeTensorMode, FlopCounterMode, ...) and the profiler see torch.ops.flexattn.fwd and
-    bwd as ops: the eager path steps aside for them."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+class _OpNames(TorchDispatchMode):
+    """Records the name of every op dispatched while active."""
 
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _FunctionNames(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("observer", ["dispatch mode", "torch-function mode", "dispatch mode in backward", "profiler"])
+def test_observed_calls_take_the_ops(observer: str):
+    """Modes (FakeTensorMode, FlopCounterMode, ...) and the profiler see torch.ops.flexattn.fwd and bwd as ops: the
+    eager path steps aside for them, in the backward too when the observer starts after the forward."""
     from flexattn_ops import flash_attn_func
 
-    class Names(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.add(str(func))
-            return func(*args, **(kwargs or {}))
-
     q, k, v = (torch.randn(1, 5, 2, 8, requires_grad=True) for _ in range(3))
-    with Names() as mode:
-        flash_attn_func(q, k, v, causal=True).sum().backward()
-    assert {"flexattn.fwd.default", "flexattn.bwd.default"} <= mode.names
-    with torch.profiler.profile() as prof:
-        flash_attn_func(q, k, v, causal=True).sum().backward()
-    names = {e.name for e in prof.events()}
-    assert {"flexattn::fwd", "flexattn::bwd"} <= names, sorted(n for n in names if "flexattn" in n)
+    if observer == "profiler":
+        with torch.profiler.profile() as prof:
+            flash_attn_func(q, k, v, causal=True).sum().backward()
+        names = {e.name.replace("::", ".") + ".default" for e in prof.events()}
+        want = {"flexattn.fwd.default", "flexattn.bwd.default"}
+    elif observer == "dispatch mode in backward":
+        out = flash_attn_func(q, k, v, causal=True)
+        with _OpNames() as mode:
+            out.sum().backward()
+        names, want = mode.names, {"flexattn.bwd.default"}
+    else:
+        with _OpNames() if observer == "dispatch mode" else _FunctionNames() as mode:
+            flash_attn_func(q, k, v, causal=True).sum().backward()
+        names = mode.names
+        want = {"flexattn.fwd.default"} | ({"flexattn.bwd.default"} if observer == "dispatch mode" else set())
+    assert want <= names, sorted(n for n in names if "flexattn" in n)
+
+
+def test_eager_path_steps_aside_for_subclasses(monkeypatch):
+    """A tensor subclass reaches the op (its __torch_function__ / __torch_dispatch__ may need to), not the
+    implementation directly."""
+    from flexattn_ops import flash_attn_func, ops
+
+    class Sub(torch.Tensor):
+        pass
+
+    direct = []
+    monkeypatch.setattr(ops, "_fwd_impl", lambda *args: direct.append(1))
+    q, k, v = (torch.randn(1, 5, 2, 8).as_subclass(Sub) for _ in range(3))
+    out = flash_attn_func(q, k, v)
+    assert direct == [] and out.shape == (1, 5, 2, 8)
+
+
+def test_eager_path_matches_the_op_in_corner_cases():
+    """Where autograd's own machinery differs from a plain call, the eager path behaves as the op did: a
+    vectorised jacobian (legacy vmap over the backward, whose per-item fallback is the dispatcher's); grad mode
+    inside inference mode records nothing; an input fwd has no gradient for (alibi_slopes) gets none; bias and
+    sinks get gradients when they alone require them."""
+    from flexattn_ops import flash_attn_func
+
+    q, k, v = (torch.randn(1, 3, 2, 16) for _ in range(3))
+    jac = torch.autograd.functional.jacobian(lambda q: flash_attn_func(q, k, v, causal=True), q, vectorize=True)
+    ref = torch.autograd.functional.jacobian(lambda q: flash_attn_func(q, k, v, causal=True), q)
+    torch.testing.assert_close(jac, ref)
+
+    qg = q.clone().requires_grad_()
+    with torch.inference_mode(), torch.enable_grad():
+        assert not flash_attn_func(qg, k, v).requires_grad
+    slopes = torch.rand(2, requires_grad=True)
+    assert not flash_attn_func(q, k, v, alibi_slopes=slopes).requires_grad
+
+    bias, sinks = torch.randn(1, 2, 3, 3, requires_grad=True), torch.randn(2, requires_grad=True)
+    dout = torch.randn(1, 3, 2, 16)
+    got = torch.autograd.grad(flash_attn_func(q, k, v, attn_bias=bias, sinks=sinks), (bias, sinks), dout)
+    a = AttnArgs(softmax_scale=16**-0.5, attn_bias=bias, sinks=sinks)
+    want = torch.autograd.grad(torch.ops.flexattn.fwd(q, k, v, *a)[0], (bias, sinks), dout)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
 
 
 @pytest.mark.parametrize("causal", [False, True])
