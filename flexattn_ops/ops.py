@@ -14,7 +14,8 @@ The other ops stay `custom_op`s.
 
 The API reaches `fwd` through `attention_fwd`: under torch.compile / export it is the op; in plain eager
 code, where nothing observes ops, the same implementations and derivative run without the dispatcher
-(`_EagerFwdFunction`), which halves the host time of a training step's attention.
+(`_EagerFwdFunction`): a training step's host time on the lent H100 host went from 859 to 715 us
+(benchmarks/results/host_overhead_autograd_rounds_h100_s7.log).
 """
 
 from __future__ import annotations

@@ -173,26 +173,24 @@ def test_eager_path_equals_op_path(device: str, feature: str, monkeypatch):
         assert torch.equal(got, want)
 
 
-class _OpNames(TorchDispatchMode):
-    """Records the name of every op dispatched while active."""
+class _Names:
+    """A mode that records the name of every function or op it sees while active."""
 
     def __init__(self):
         super().__init__()
         self.names = set()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def _record(self, func, types, args=(), kwargs=None):
         self.names.add(str(func))
         return func(*args, **(kwargs or {}))
 
 
-class _FunctionNames(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.names = set()
+class _OpNames(_Names, TorchDispatchMode):
+    __torch_dispatch__ = _Names._record
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.names.add(str(func))
-        return func(*args, **(kwargs or {}))
+
+class _FunctionNames(_Names, TorchFunctionMode):
+    __torch_function__ = _Names._record
 
 
 @pytest.mark.parametrize("observer", ["dispatch mode", "torch-function mode", "dispatch mode in backward", "profiler"])
