@@ -29,7 +29,7 @@ from compile_decode_sm90 import compile_kernel  # noqa: E402
 from flexattn_ops import triton_bwd  # noqa: E402
 from flexattn_ops.triton_configs import TUNED  # noqa: E402
 
-PTRS = {n: "*bf16" for n in ("Q", "K", "V", "DO", "DQ", "DK", "DV_out", "Bias", "Alibi")}
+PTRS = {n: "*bf16" for n in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV_out", "Bias", "Alibi")}
 PTRS.update({n: "*fp32" for n in ("Lse", "Delta", "DBias")})
 PTRS.update({n: "*i32" for n in ("CuQ", "CuK", "SeqUsed", "Table")})
 PTRS["Rng"] = "*i64"

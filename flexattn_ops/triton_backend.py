@@ -306,22 +306,16 @@ def bwd(
     rng = _rng(q, a)
     drop_rescale = 1.0 / (1.0 - a.dropout_p)
 
-    # delta = rowsum(dO * O) in lse's layout; varlen runs the dense kernel as one batch of total_q rows
-    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
-    pre_rows = q.shape[0] if a.is_varlen else sq
-    pre_block = 16 if tuning.interpreting() else 64
-    bwd_preprocess_kernel[(tuning.cdiv(pre_rows, pre_block), delta.numel() // pre_rows)](
-        out,
-        dout,
-        delta,
-        *_strides(out),
-        *_strides(dout),
-        hq,
-        pre_rows,
-        DV=dv,
-        BLOCK_M=pre_block,
-        BLOCK_DV=tuning.pad_dim(dv),
-    )
+    # delta = rowsum(dO * O) in lse's layout: the dQ launch writes it for the dK/dV launch after it, or
+    # bwd_preprocess_kernel does before a one-launch backward. Varlen rows past cu_seqlens_q[-1] belong to
+    # no dQ program and keep 0 (dsink reads every row).
+    delta = (torch.zeros if a.is_varlen else torch.empty)(lse.shape, dtype=torch.float32, device=q.device)
+
+    def preprocess() -> None:  # before a one-launch backward (dense inputs only)
+        block = 16 if tuning.interpreting() else 64
+        bwd_preprocess_kernel[(tuning.cdiv(sq, block), b * hq)](
+            out, dout, delta, *_strides(out), *_strides(dout), hq, sq, DV=dv, BLOCK_M=block, BLOCK_DV=tuning.pad_dim(dv)
+        )
 
     # dK/dV: with hk == hv a program sums the query heads of its kv head in registers; otherwise
     # (hk != hv: k and v heads group query heads differently) per-query-head float32 buffers.
@@ -347,11 +341,27 @@ def bwd(
 
     dbias_full = torch.zeros((b, hq, sq, sk), dtype=torch.float32, device=q.device) if want_dbias else None
     n_seq = b + 1 if a.is_varlen else b  # varlen: sequence `batch` zeroes dq past cu_seqlens_q[-1]
-    tensors = (q, k, v, dout, lse, delta, dq, dk_buf, dv_buf, _placeholder(q, dbias_full), bias_arg, alibi_arg, rng)
+    tensors = (
+        q,
+        k,
+        v,
+        out,
+        dout,
+        lse,
+        delta,
+        dq,
+        dk_buf,
+        dv_buf,
+        _placeholder(q, dbias_full),
+        bias_arg,
+        alibi_arg,
+        rng,
+    )
     strides = (
         *_strides(q),
         *_strides(k),
         *_strides(v),
+        *_strides(out),
         *_strides(dout),
         *_strides(dq),
         *_strides(dk_buf),
@@ -402,17 +412,19 @@ def bwd(
         launch("dq", (max(1, tuning.cdiv(sq, cfg["BLOCK_M"])), n_seq * hq), cfg, cfg, cfg["BLOCK_N"])
 
     seqlen = max(sq, sk)
-    kv_cfg = tuning.get_config("dkdv", q.device, q.dtype, dqk, dv, a.is_causal, launch_dkdv, seqlen)
+    # dQ first: tuning it writes delta, which tuning dK/dV then reads
     q_cfg = tuning.get_config("dq", q.device, q.dtype, dqk, dv, a.is_causal, launch_dq, seqlen)
+    kv_cfg = tuning.get_config("dkdv", q.device, q.dtype, dqk, dv, a.is_causal, launch_dkdv, seqlen)
 
     def launch_parts(choice: tuning.Config) -> None:
         if choice["one_launch"]:
+            preprocess()
             n_key_tiles = tuning.cdiv(sk, kv_cfg["BLOCK_N"])
             grid = (n_key_tiles + tuning.cdiv(sq, q_cfg["BLOCK_M"]) * group, b * n_groups)
             launch("both", grid, kv_cfg, q_cfg, kv_cfg["BLOCK_N"], n_key_tiles)
         else:
-            launch_dkdv(kv_cfg)
             launch_dq(q_cfg)
+            launch_dkdv(kv_cfg)
 
     choice = {"one_launch": 0}
     if _fusable(a, kv_cfg, q_cfg):

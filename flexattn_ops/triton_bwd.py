@@ -1,6 +1,7 @@
 """Triton backward kernels for dense and varlen attention: deterministic by construction (no atomics).
 
-1. `bwd_preprocess_kernel`: delta = rowsum(dO * O) (b, hq, sq) float32.
+1. delta = rowsum(dO * O) (b, hq, sq) float32, which both kinds of programs below read: computed by the dQ
+   programs when the dK/dV programs run in a later launch, else by `bwd_preprocess_kernel` first.
 2. `attn_bwd_kernel` runs two kinds of programs:
    - dK/dV (`_dkdv_program`): one program owns a (BLOCK_N) key tile of one (batch, kv-head group) and
      loops over the query tiles that see it (and over the query heads of its group), accumulating
@@ -536,6 +537,7 @@ def _dq_program(
     Q,
     K,
     V,
+    Out,
     DO,
     Lse,
     Delta,
@@ -560,6 +562,9 @@ def _dq_program(
     stride_vb,
     stride_vs,
     stride_vh,
+    stride_ob,
+    stride_os,
+    stride_oh,
     stride_dob,
     stride_dos,
     stride_doh,
@@ -600,6 +605,7 @@ def _dq_program(
     PAGED: tl.constexpr,
     HAS_SEQUSED: tl.constexpr,
     PAGE_TILE_ALIGNED: tl.constexpr,
+    WRITES_DELTA: tl.constexpr,
 ):
     """dQ of query tile pid_m (BLOCK_M rows) of (batch, head) pid_bh = b * hq + h. DQ (b, sq, hq, dqk);
     DBias (b, hq, sq, sk) float32 when HAS_DBIAS.
@@ -628,6 +634,7 @@ def _dq_program(
             K_seq = K + k_start.to(tl.int64) * stride_ks
             V_seq = V + k_start.to(tl.int64) * stride_vs
         Q_seq = Q + row0 * stride_qs
+        O_seq = Out + row0 * stride_os
         DO_seq = DO + row0 * stride_dos
         DQ_seq = DQ + row0 * stride_dqs
     else:
@@ -636,6 +643,7 @@ def _dq_program(
         K_seq = K + b.to(tl.int64) * stride_kb
         V_seq = V + b.to(tl.int64) * stride_vb
         Q_seq = Q + b.to(tl.int64) * stride_qb
+        O_seq = Out + b.to(tl.int64) * stride_ob
         DO_seq = DO + b.to(tl.int64) * stride_dob
         DQ_seq = DQ + b.to(tl.int64) * stride_dqb
     Table_row = Table + b * stride_tb
@@ -650,7 +658,14 @@ def _dq_program(
     do = load_rows(DO_seq + h * stride_doh, offs_m, sq, stride_dos, offs_dv, DV, BLOCK_DV)
     lse = tl.load(Lse_row + offs_m, mask=offs_m < sq, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    delta = tl.load(Delta_row + offs_m, mask=offs_m < sq, other=0.0)
+    if WRITES_DELTA:
+        # delta = rowsum(dO * O) here instead of in bwd_preprocess_kernel: the dK/dV launch that follows reads
+        # it, and one launch and one more pass over dO are saved (dO is loaded here anyway)
+        o = load_rows(O_seq + h * stride_oh, offs_m, sq, stride_os, offs_dv, DV, BLOCK_DV)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(Delta_row + offs_m, delta, mask=offs_m < sq)
+    else:
+        delta = tl.load(Delta_row + offs_m, mask=offs_m < sq, other=0.0)
     K_head = K_seq + (h // q_per_k) * stride_kh
     V_head = V_seq + (h // q_per_v) * stride_vh
     Bias_head = Bias + b.to(tl.int64) * stride_bb + h * stride_bh
@@ -828,6 +843,7 @@ def attn_bwd_kernel(
     Q,
     K,
     V,
+    Out,
     DO,
     Lse,
     Delta,
@@ -854,6 +870,9 @@ def attn_bwd_kernel(
     stride_vb,
     stride_vs,
     stride_vh,
+    stride_ob,
+    stride_os,
+    stride_oh,
     stride_dob,
     stride_dos,
     stride_doh,
@@ -911,12 +930,13 @@ def attn_bwd_kernel(
 
     - "dkdv": grid (cdiv(sk, DKDV_BLOCK_N), b * n_groups), one program per key tile of a (batch, group);
     - "dq": grid (cdiv(sq, DQ_BLOCK_M), n_seq * hq), one program per query tile of a (batch, head), the
-      costliest (last) tiles first; varlen has n_seq = batch + 1 (the padding rows' sequence);
-    - "both" (dense only): grid (n_key_tiles + cdiv(sq, DQ_BLOCK_M) * group, b * n_groups). Each
-      (batch, group) row runs its dK/dV programs, then the dQ programs of its query heads: adjacent in
-      launch order, so both read Q, K, V and dO while they are in L2 instead of each part streaming them
-      from DRAM (hd128 seqlen 512 on an H100: 637 vs 677 us; elsewhere two launches can be faster, so the
-      choice is tuned).
+      costliest (last) tiles first; varlen has n_seq = batch + 1 (the padding rows' sequence). It writes
+      Delta for the "dkdv" launch after it;
+    - "both" (dense only; Delta from bwd_preprocess_kernel): grid (n_key_tiles + cdiv(sq, DQ_BLOCK_M) * group,
+      b * n_groups). Each (batch, group) row runs its dK/dV programs, then the dQ programs of its query
+      heads: adjacent in launch order, so both read Q, K, V and dO while they are in L2 instead of each part
+      streaming them from DRAM (hd128 seqlen 512 on an H100: 637 vs 677 us; elsewhere two launches can be
+      faster, so the choice is tuned).
     """
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -1021,6 +1041,7 @@ def attn_bwd_kernel(
             Q,
             K,
             V,
+            Out,
             DO,
             Lse,
             Delta,
@@ -1045,6 +1066,9 @@ def attn_bwd_kernel(
             stride_vb,
             stride_vs,
             stride_vh,
+            stride_ob,
+            stride_os,
+            stride_oh,
             stride_dob,
             stride_dos,
             stride_doh,
@@ -1085,4 +1109,5 @@ def attn_bwd_kernel(
             PAGED,
             HAS_SEQUSED,
             PAGE_TILE_ALIGNED,
+            PART == "dq",
         )

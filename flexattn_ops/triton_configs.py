@@ -8,6 +8,9 @@ from what a tune_triton.py run writes: the causal hd128 forward's long-sequence 
 "bwd" choices of hd64 and hd128 non-causal long sequences are two launches, where the seqlen-4096 tune chose one:
 whole fwd+bwd steps measured faster with two at 2k, 8k and 16k (benchmarks/ab_one_launch.py,
 results/ab_one_launch_h100_s5.log).
+Session 8 retuned the "bwd" choices at seqlen 512 after the dQ launch took over delta (two launches no longer
+run the preprocess kernel) and the (32, 64) seqlen-512 dK/dV tile with two new candidates
+(results/tune_bwd_512_h100_s8.log).
 """
 
 TUNED: dict[str, dict[str, int]] = {
@@ -20,15 +23,16 @@ TUNED: dict[str, dict[str, int]] = {
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x256|full": {"one_launch": 0},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x256|full|short": {"one_launch": 1},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|256x128|causal": {"one_launch": 0},
-    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|256x128|causal|short": {"one_launch": 1},
+    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|256x128|causal|short": {"one_launch": 0},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|256x128|full": {"one_launch": 0},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|256x128|full|short": {"one_launch": 1},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|32x64|causal": {"one_launch": 0},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|32x64|full": {"one_launch": 0},
+    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|32x64|full|short": {"one_launch": 0},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|64x128|causal": {"one_launch": 0},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|64x128|causal|short": {"one_launch": 0},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|64x128|full": {"one_launch": 0},
-    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|64x128|full|short": {"one_launch": 0},
+    "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|64x128|full|short": {"one_launch": 1},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|64x64|full": {"one_launch": 0},
     "bwd|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|64x64|full|short": {"one_launch": 0},
     "dkdv|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|128x128|causal": {
@@ -148,7 +152,7 @@ TUNED: dict[str, dict[str, int]] = {
     "dkdv|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|32x64|full|short": {
         "BLOCK_M": 32,
         "BLOCK_N": 128,
-        "num_stages": 2,
+        "num_stages": 3,
         "num_warps": 4,
     },
     "dkdv|NVIDIA_H100_80GB_HBM3|triton3.6.0|bfloat16|64x128|causal": {

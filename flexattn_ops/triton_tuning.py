@@ -160,6 +160,10 @@ def candidates(kernel: str, dtype: torch.dtype, dqk: int, dv: int) -> list[Confi
             # 32 query rows under 8 warps: at 3 stages the only hd128 tile that compiles without spills for sm_90
             # (2 stages: 40 B per thread; 64 x 128: 160 B at 3 stages, 360 B at 2; benchmarks/compile_bwd_sm90.py)
             grid += [(128, 128, 8, 2), (64, 64, 8, 3), (32, 128, 8, 3), (32, 128, 8, 2)]
+            if width <= 128:
+                # narrow heads: 128 keys under 4 warps keep the dK/dV accumulators on 128 threads (255 registers
+                # at 32 x 128 for (32, 64)); fewer query rows a step or a deeper pipeline are the neighbours
+                grid += [(16, 128, 4, 2), (32, 128, 4, 3)]
     else:
         grid = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3)]
         if width > 256:

@@ -136,7 +136,7 @@ def test_one_launch_backward_equals_two(c: Case, monkeypatch) -> None:
     one = torch.ops.flexattn.bwd(dout, q, k, v, out, lse, *a, bias is not None)
     one_launch["one_launch"] = 0
     two = torch.ops.flexattn.bwd(dout, q, k, v, out, lse, *a, bias is not None)
-    assert parts == ["both", "dkdv", "dq"]
+    assert parts == ["both", "dq", "dkdv"]
     ref = reference.bwd(dout, q, k, v, out, lse, a, bias is not None)
     for x, y, r in zip(one[:4], two[:4], ref[:4], strict=True):
         if r is None:
