@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from flexattn_ops import triton_launch
 from flexattn_ops import triton_tuning as tuning
 from flexattn_ops.params import AttnArgs
 from flexattn_ops.reference import as_grad_of, dropout_threshold
@@ -167,7 +168,9 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> tuple[Tensor, Tensor]:
 
     def launch(cfg: tuning.Config) -> None:
         grid = (max(1, tuning.cdiv(seqs.sq, cfg["BLOCK_M"])), n_seq * hq)
-        attn_fwd_kernel[grid](
+        triton_launch.launch(
+            attn_fwd_kernel,
+            grid,
             q,
             _nonempty(k),
             _nonempty(v),
@@ -231,7 +234,9 @@ def probs(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> Tensor:
     bias4, bstr = _bias4(a)
     block = 16 if tuning.interpreting() else 64
     grid = (tuning.cdiv(sq, block), tuning.cdiv(sk, block), b * hq)
-    attn_probs_kernel[grid](
+    triton_launch.launch(
+        attn_probs_kernel,
+        grid,
         q,
         k,
         lse,
@@ -313,8 +318,19 @@ def bwd(
 
     def preprocess() -> None:  # before a one-launch backward (dense inputs only)
         block = 16 if tuning.interpreting() else 64
-        bwd_preprocess_kernel[(tuning.cdiv(sq, block), b * hq)](
-            out, dout, delta, *_strides(out), *_strides(dout), hq, sq, DV=dv, BLOCK_M=block, BLOCK_DV=tuning.pad_dim(dv)
+        triton_launch.launch(
+            bwd_preprocess_kernel,
+            (tuning.cdiv(sq, block), b * hq),
+            out,
+            dout,
+            delta,
+            *_strides(out),
+            *_strides(dout),
+            hq,
+            sq,
+            DV=dv,
+            BLOCK_M=block,
+            BLOCK_DV=tuning.pad_dim(dv),
         )
 
     # dK/dV: with hk == hv a program sums the query heads of its kv head in registers; otherwise
@@ -389,7 +405,9 @@ def bwd(
         key_block: int,
         n_key_tiles: int = 0,
     ) -> None:
-        attn_bwd_kernel[grid](
+        triton_launch.launch(
+            attn_bwd_kernel,
+            grid,
             *tensors,
             *seqs.args,
             *strides,

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from flexattn_ops import triton_launch
 from flexattn_ops import triton_tuning as tuning
 from flexattn_ops.params import AttnArgs, KVCacheArgs
 from flexattn_ops.triton_common import (
@@ -875,7 +876,9 @@ def fwd_kvcache(
     lsp = lse_p.stride(0) if splits > 1 else 0
     o_str = out_p.stride()[-4:-1] if splits > 1 else out_p.stride()[:3]
     l_str = lse_p.stride()[-3:] if splits > 1 else lse_p.stride()
-    kvcache_fwd_kernel[grid](
+    triton_launch.launch(
+        kvcache_fwd_kernel,
+        grid,
         q,
         k_cache,
         v_cache,
@@ -985,7 +988,9 @@ def _launch_combine(
     # a (BLOCK_S, BLOCK_DV) float32 tile of at most 8k values: 64 registers a thread at 4 warps
     max_rows = 16 if tuning.interpreting() else 128
     block_s = max(2, min(tuning.next_power_of_2(splits), 8192 // tuning.pad_dim(dv), max_rows))
-    combine_kernel[(n_rows,)](
+    triton_launch.launch(
+        combine_kernel,
+        (n_rows,),
         out_p,
         lse_p,
         out,

@@ -6,6 +6,7 @@ TRITON_INTERPRET); `pytest -n 8` spreads the kernel compiles over CPU cores.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 
@@ -122,6 +123,28 @@ def test_cuda_graph_capture() -> None:
     assert torch.equal(out, eager[0]) and torch.equal(lse, eager[1])
     for x, y in zip(grads, eager[2], strict=True):
         assert torch.equal(x, y)
+
+
+def test_launch_cache_skips_jit_run_and_tells_alignment_apart(monkeypatch) -> None:
+    """triton_launch: a repeated call of the same shapes launches the compiled kernels without JITFunction.run,
+    and inputs one element past a 16-byte boundary (which Triton compiles apart) after aligned ones of the same
+    shapes get their own kernels: launching the aligned ones on them would fault or read wrong values."""
+    from triton.runtime.jit import JITFunction
+
+    c = Case(b=2, sq=200, sk=200, hq=4, hk=2, hv=2, d=64, dv=64, dtype=BF16, causal=True)
+    check_case(c, "cuda")
+    runs = []
+    real_run = JITFunction.run
+
+    def counted_run(self, *args, **kwargs):
+        runs.append(self.__name__)
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "run", counted_run)
+    check_case(c, "cuda")
+    assert runs == []
+    check_case(dataclasses.replace(c, layout="misaligned"), "cuda")
+    assert "attn_fwd_kernel" in runs and "attn_bwd_kernel" in runs
 
 
 # ---------------------------------------------------------------------------------------------

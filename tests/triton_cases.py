@@ -43,7 +43,9 @@ class Case:
     bias_grad: bool = True
     sinks: bool = False
     dropout_p: float = 0.0
-    layout: str = "contiguous"  # "contiguous", "permuted" (b, h, s, d storage) or "sliced" (padded rows)
+    # "contiguous", "permuted" (b, h, s, d storage), "sliced" (padded rows) or "misaligned" (contiguous, one
+    # element past a 16-byte boundary)
+    layout: str = "contiguous"
     deterministic: bool = False
     check_grads: bool = True
     scale: Optional[float] = None
@@ -51,13 +53,17 @@ class Case:
 
 
 def _rand(shape: tuple[int, ...], dtype: torch.dtype, device: str, layout: str, gen: torch.Generator) -> Tensor:
-    """Random (b, s, h, d) tensor stored contiguously, as a permutation of (b, h, s, d), or as a slice."""
+    """Random (b, s, h, d) tensor stored contiguously, as a permutation of (b, h, s, d), as a slice, or
+    contiguously one element past a 16-byte boundary."""
     b, s, h, d = shape
     if layout == "permuted":
         return torch.randn((b, h, s, d), generator=gen, device="cpu").to(device=device, dtype=dtype).transpose(1, 2)
     if layout == "sliced":
         big = torch.randn((b, s + 3, h + 1, d + 8), generator=gen, device="cpu").to(device=device, dtype=dtype)
         return big[:, 2 : 2 + s, 1:, :d]
+    if layout == "misaligned":
+        flat = torch.randn(b * s * h * d + 1, generator=gen, device="cpu").to(device=device, dtype=dtype)
+        return flat[1:].view(shape)
     return torch.randn(shape, generator=gen, device="cpu").to(device=device, dtype=dtype)
 
 
