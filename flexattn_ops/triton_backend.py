@@ -430,7 +430,8 @@ def bwd(
         launch("dq", (max(1, tuning.cdiv(sq, cfg["BLOCK_M"])), n_seq * hq), cfg, cfg, cfg["BLOCK_N"])
 
     seqlen = max(sq, sk)
-    # dQ first: tuning it writes delta, which tuning dK/dV then reads
+    # dQ first: when both are tuned, the dQ candidates write delta before the dK/dV candidates read it (a dK/dV
+    # tune alone times them on delta as it is: no branch depends on its values)
     q_cfg = tuning.get_config("dq", q.device, q.dtype, dqk, dv, a.is_causal, launch_dq, seqlen)
     kv_cfg = tuning.get_config("dkdv", q.device, q.dtype, dqk, dv, a.is_causal, launch_dkdv, seqlen)
 

@@ -9,10 +9,15 @@ launcher ``JITFunction.run`` ends with, the same in Triton 3.6 and 3.9). Measure
 ``triton_backend.fwd`` went from 73.7 to 55.3 us and ``bwd`` (two launches) from 123.9 to 110.2 us
 (results/launch_overhead_cache_h100_s8.log): building the key costs ~6 us for 85 arguments.
 
-The key is finer than any specialisation Triton makes: every scalar argument's type and value, every
-tensor's dtype and address modulo 16 (Triton specialises pointers on 16-byte alignment), the keyword
-arguments (constexprs and launch options) and the current device. Two calls with equal keys therefore
-run the same compiled kernel under Triton too. Under TRITON_INTERPRET=1 it is ``kernel[grid]`` itself.
+The key is at least as fine as Triton's specialisation: every scalar argument's type and value, except
+that a parameter Triton does not specialise (``do_not_specialize``: sequence lengths, windows) contributes
+only its integer type (i32, i64 or u64), so varlen batches of new lengths reuse their kernels; every
+tensor's dtype and address modulo 16 (Triton specialises pointers on 16-byte alignment); the keyword
+arguments (constexprs and launch options); the current device; and the Triton settings ``JITFunction.run``
+folds into its own key (debug, instrumentation mode: the proton profiler switches it). Two calls with equal
+keys therefore run the same compiled kernel under Triton too (tests/test_triton_launch.py checks the key against
+the installed Triton's own specialisation function). Kernels with pre-run hooks, and the
+interpreter (TRITON_INTERPRET=1), take ``kernel[grid]`` itself.
 """
 
 from __future__ import annotations
@@ -21,38 +26,72 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from triton import knobs
 
 from flexattn_ops import triton_tuning as tuning
 
-# key -> (compiled kernel, the arguments after the positional ones in signature order). A miss costs one
-# JITFunction.run, as without the cache; the limit bounds it when shapes keep changing (varlen lengths).
+# key -> (compiled kernel, the arguments after the positional ones in signature order). A miss costs the key
+# (~6 us) and one JITFunction.run; the limit (~6 MB of keys) bounds the cache when shapes keep changing.
 _compiled: dict[tuple, tuple[Any, tuple]] = {}
-_MAX_ENTRIES = 4096
+_MAX_ENTRIES = 1024
+_unspecialized: dict[Any, tuple[int, ...]] = {}  # kernel -> positions of its do_not_specialize parameters
 
 
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     """``kernel[grid](*args, **kwargs)`` for a ``@triton.jit`` kernel: positional runtime arguments, constexprs
     and launch options (num_warps, num_stages) by keyword."""
-    if tuning.interpreting():
+    if tuning.interpreting() or kernel.pre_run_hooks:
         kernel[grid](*args, **kwargs)
         return
-    key = (
-        kernel,
-        torch.cuda.current_device(),
-        tuple(kwargs.items()),
-        *[(x.dtype, x.data_ptr() & 15) if isinstance(x, Tensor) else (x.__class__, x) for x in args],
-    )
+    key = _key(kernel, args, kwargs)
     hit = _compiled.get(key)
     if hit is not None:
         compiled, tail = hit
         compiled[(*grid, 1, 1)[:3]](*args, *tail)
         return
     compiled = kernel[grid](*args, **kwargs)
-    if compiled is None:
+    if compiled is None or not _cacheable(args, kwargs):
         return
+    if hasattr(compiled, "result"):  # Triton 3.9's async compile mode returns a future
+        compiled = compiled.result()
     if len(_compiled) >= _MAX_ENTRIES:
         _compiled.clear()
     _compiled[key] = (compiled, _tail(kernel, len(args), kwargs))
+
+
+def _key(kernel: Any, args: tuple, kwargs: dict) -> tuple:
+    positions = _unspecialized.get(kernel)
+    if positions is None:
+        positions = _unspecialized[kernel] = tuple(i for i, p in enumerate(kernel.params) if p.do_not_specialize)
+    values = list(args)
+    for i in positions:
+        if i < len(values) and values[i].__class__ is int:  # Triton types it by its range only
+            values[i] = (int, -(2**31) <= values[i] < 2**31, values[i] >= 2**63)
+    return (
+        kernel,
+        torch.cuda.current_device(),
+        _triton_settings(),
+        tuple(kwargs.items()),
+        *[(x.dtype, x.data_ptr() & 15) if isinstance(x, Tensor) else (x.__class__, x) for x in values],
+    )
+
+
+def _triton_settings() -> tuple:
+    """What JITFunction.run adds to its compile options on every call (the last two exist in Triton 3.9)."""
+    return (
+        knobs.runtime.debug,
+        knobs.compilation.instrumentation_mode,
+        getattr(knobs.compilation, "fpsan_homomorphic_casts", None),
+        getattr(knobs.runtime, "add_stages_inspection_hook", None),
+    )
+
+
+def _cacheable(args: tuple, kwargs: dict) -> bool:
+    """Tensors only as positional torch.Tensors: the key then holds their dtype and alignment, not the tensor
+    (a keyword tensor or another object with a data pointer would be kept alive by the key)."""
+    return not any(hasattr(v, "data_ptr") for v in kwargs.values()) and all(
+        isinstance(x, Tensor) or not hasattr(x, "data_ptr") for x in args
+    )
 
 
 def _tail(kernel: Any, n_positional: int, kwargs: dict) -> tuple:
