@@ -37,6 +37,9 @@ _lock = threading.Lock()
 _memory: dict[str, Config] = {}
 # get_config's answers by its arguments: the string key costs ~3 us to build, and a training step asks 4 times
 _picked: dict[tuple, Config] = {}
+# the cache file's entries by its path, read once a process: a configuration that cannot be tuned (autotuning
+# off, e.g. fp16 on the H100, whose table is bf16) fell back to the file on every call, ~100 us of reading
+_disk: dict[Path, dict[str, Config]] = {}
 
 
 @functools.cache
@@ -59,8 +62,12 @@ def next_power_of_2(n: int) -> int:
 
 
 def _cache_path() -> Path:
-    root = os.environ.get("FLEXATTN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flexattn_ops")
-    return Path(root) / "triton_tuning.json"
+    return _cache_file(os.environ.get("FLEXATTN_CACHE_DIR", ""))
+
+
+@functools.cache
+def _cache_file(root: str) -> Path:
+    return Path(root or os.path.join(os.path.expanduser("~"), ".cache", "flexattn_ops")) / "triton_tuning.json"
 
 
 def pad_dim(d: int) -> int:
@@ -185,20 +192,30 @@ def _tuned_table() -> dict[str, Config]:
     return TUNED
 
 
-def _load_disk() -> dict[str, Config]:
+def _read_disk(path: Path) -> dict[str, Config]:
     try:
-        return json.loads(_cache_path().read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
 
 
+def _load_disk() -> dict[str, Config]:
+    """The cache file's entries (read on the first call for its path; callers do not modify them)."""
+    path = _cache_path()
+    data = _disk.get(path)
+    if data is None:
+        data = _disk[path] = _read_disk(path)
+    return data
+
+
 def _save_disk(key: str, cfg: Config) -> None:
-    """Merge one entry into the cache file atomically (write a temp file, then rename)."""
+    """Merge one entry into the cache file atomically (write a temp file, then rename); the file is read
+    again first, so entries other processes wrote meanwhile are kept."""
     path = _cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = _load_disk()
-        data[key] = cfg
+        data = {**_read_disk(path), key: cfg}
+        _disk[path] = data
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning", suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)

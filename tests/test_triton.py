@@ -9,6 +9,7 @@ compiled code) and odd (1, 17, 33, 113; head dims 40, 72, 111) so every masked t
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -180,6 +181,29 @@ def test_tuning_cache_roundtrip(tmp_path, monkeypatch) -> None:
     assert triton_tuning._load_disk()["k1"]["BLOCK_N"] == 32
     assert triton_tuning.get_config("fwd", torch.device("cpu"), F32, 40, 72, False) == triton_tuning.INTERPRET_CONFIG
     assert len(triton_tuning.candidates("fwd", BF16, 128, 128)) >= 4
+
+
+def test_tuning_cache_file_read_once(tmp_path, monkeypatch) -> None:
+    """A configuration nobody can tune (autotuning off) falls back to the cache file on every call: the file
+    is read once a process, and a save keeps what another process wrote meanwhile."""
+    from pathlib import Path
+
+    from flexattn_ops import triton_tuning
+
+    monkeypatch.setenv("FLEXATTN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(triton_tuning, "_disk", {})
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    (tmp_path / "triton_tuning.json").write_text(json.dumps({"k1": cfg}))
+    reads = []
+    real_read = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **kw: reads.append(self) or real_read(self, *a, **kw))
+    for _ in range(3):
+        assert triton_tuning._load_disk()["k1"] == cfg
+    assert len(reads) == 1
+    (tmp_path / "triton_tuning.json").write_text(json.dumps({"k1": cfg, "k2": cfg}))  # another process
+    triton_tuning._save_disk("k3", cfg)
+    on_disk = json.loads(real_read(tmp_path / "triton_tuning.json"))
+    assert set(triton_tuning._load_disk()) == {"k1", "k2", "k3"} == set(on_disk)
 
 
 @pytest.mark.parametrize(
