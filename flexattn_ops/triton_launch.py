@@ -60,6 +60,7 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
 
 
 def _key(kernel: Any, args: tuple, kwargs: dict) -> tuple:
+    """The cache key of a call (what it holds and why: the module docstring)."""
     positions = _unspecialized.get(kernel)
     if positions is None:
         positions = _unspecialized[kernel] = tuple(i for i, p in enumerate(kernel.params) if p.do_not_specialize)
