@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call for the Triton backend: retune (TUNE="<tune_triton.py args>;<args>;..." run in order, each
-# run's table copied into the package before the next), the GPU tests against the oracle, then the benchmark
-# (BENCH="<bench_attention.py args>;<args>;..."). Logs, CSVs and the final tuned table go to $OUT.
+# run's table copied into the package before the next), the GPU tests against the oracle (TEST_FILES, default
+# tests/test_triton_gpu.py), the host-time breakdowns (HOST=1: launch_overhead.py, host_overhead_autograd.py),
+# then the benchmark (BENCH="<bench_attention.py args>;<args>;..."). Logs, CSVs and the final tuned table go
+# to $OUT.
 # Step time limits (TUNE_S, TEST_S, BENCH_S seconds) keep the later steps inside the call's limit.
 set -uo pipefail
 OUT=${OUT:-/tmp}
@@ -21,8 +23,14 @@ if [ -n "${TUNE:-}" ]; then
   tail -3 "$OUT/tune.log"
 fi
 if [ "${TESTS:-1}" = 1 ]; then
-  timeout "${TEST_S:-300}" python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_gpu.py 2>&1 \
-    | tee "$OUT/gpu_tests_triton.log" | tail -4
+  # shellcheck disable=SC2086
+  timeout "${TEST_S:-300}" python3 -m pytest -q -n 8 -p no:cacheprovider ${TEST_FILES:-tests/test_triton_gpu.py} \
+    2>&1 | tee "$OUT/gpu_tests_triton.log" | tail -4
+fi
+if [ "${HOST:-0}" = 1 ]; then
+  { timeout 120 python3 benchmarks/launch_overhead.py
+    timeout 240 python3 benchmarks/host_overhead_autograd.py --rounds 7; } > "$OUT/host.log" 2>&1
+  head -70 "$OUT/host.log"
 fi
 if [ -n "${BENCH:-}" ]; then
   IFS=';' read -ra runs <<< "$BENCH"
