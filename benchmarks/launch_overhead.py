@@ -4,9 +4,9 @@
 `JITFunction.run` is split into the parts it runs on every call: the binder (the generated function that binds
 the arguments and computes their specialisation), the cache key, `launch_metadata`, and the compiled kernel's
 C launcher. "direct" is `CompiledKernel[grid](*args)` with everything bound already: what a launch costs once
-the kernel is known (what `triton_launch.launch` does after its first call). Also the whole `triton_backend.fwd` /
-`bwd` (launches plus their Python and allocations) with `triton_launch`'s cache and with `kernel[grid]` on
-every call, in alternating rounds.
+the kernel is known (what `triton_launch` does after its first call). Also the whole `triton_backend.fwd` /
+`bwd` (launches plus their Python and allocations) from a kept plan (triton_backend._planned), and with the
+plans cleared before every call (arguments assembled, kernels launched through `kernel[grid]`), alternating.
 
 Usage (on the device): python benchmarks/launch_overhead.py   (prints; no files)
 """
@@ -26,7 +26,7 @@ from triton.runtime.jit import JITFunction, compute_cache_key
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from flexattn_ops import triton_backend, triton_launch  # noqa: E402
+from flexattn_ops import triton_backend  # noqa: E402
 from flexattn_ops.params import AttnArgs  # noqa: E402
 
 N = 3000
@@ -85,11 +85,6 @@ def main() -> None:
     dout = torch.randn_like(out)
     triton_backend.bwd(dout, q, k, v, out, lse, a, False)
 
-    cached_launch = triton_launch.launch
-
-    def plain_launch(kernel, grid, *args, **kwargs):  # kernel[grid] on every call, as before triton_launch
-        kernel[grid](*args, **kwargs)
-
     captured = []
     real_run = JITFunction.run
 
@@ -97,27 +92,34 @@ def main() -> None:
         captured.append((self, args, grid, dict(kwargs)))
         return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
-    triton_launch.launch = plain_launch
     JITFunction.run = spy
+    triton_backend._plans.clear()  # new plans: their first launches go through JITFunction.run
     triton_backend.fwd(q, k, v, a)
     triton_backend.bwd(dout, q, k, v, out, lse, a, False)
     JITFunction.run = real_run
 
-    # whole fwd / bwd (launches, their Python and allocations), with the launch cache and without, alternating
+    def unplanned(call):  # the arguments assembled and kernel[grid] launched on every call, as before plans
+        def run():
+            triton_backend._plans.clear()
+            call()
+
+        return run
+
+    # whole fwd / bwd (launches, their Python and allocations), from kept plans and without, alternating
     calls = {
         "fwd": lambda: triton_backend.fwd(q, k, v, a),
         "bwd": lambda: triton_backend.bwd(dout, q, k, v, out, lse, a, False),
     }
     best: dict[tuple[str, str], float] = {}
     for _ in range(3):
-        for how, fn in (("kernel[grid]", plain_launch), ("triton_launch", cached_launch)):
-            triton_launch.launch = fn
-            for name, call in calls.items():
-                best[name, how] = min(best.get((name, how), float("inf")), us_per_call(call))
-    triton_launch.launch = cached_launch
+        for name, call in calls.items():
+            for how, fn in (("no plan", unplanned(call)), ("plan", call)):
+                best[name, how] = min(best.get((name, how), float("inf")), us_per_call(fn))
     for name in calls:
-        plain, cached = best[name, "kernel[grid]"], best[name, "triton_launch"]
-        print(f"triton_backend.{name} whole: {plain:.1f} us with kernel[grid], {cached:.1f} us with triton_launch")
+        print(
+            f"triton_backend.{name} whole: {best[name, 'no plan']:.1f} us assembling and launching with "
+            f"kernel[grid] every call, {best[name, 'plan']:.1f} us from the kept plan"
+        )
     print(f"torch.empty_like(q): {us_per_call(lambda: torch.empty_like(q)):.1f} us")
     device = driver.active.get_current_device()
     stream = driver.active.get_current_stream(device)

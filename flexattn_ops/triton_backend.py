@@ -10,6 +10,7 @@ by the Python-int max_seqlen_q/k; cu_seqlens are read only by the kernels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple, Optional
 
 import torch
@@ -99,13 +100,13 @@ def _launch_opts(cfg: tuning.Config) -> dict:
 class _Seqs(NamedTuple):
     """How the kernels find each sequence: dense batches or packed/paged varlen (see attn_fwd_kernel).
 
-    ``args`` are the kernels' (CuQ, CuK, SeqUsed, Table, stride_tb, page_size, total_q) arguments,
-    ``flags`` their VARLEN, PAGED, HAS_SEQUSED constexprs; ``batch``, ``sq``, ``sk`` size the grids
-    (varlen: the number of sequences and max_seqlen_q/k, from the Python-int arguments: no host sync);
-    ``page_size`` is the paged cache's (0 when not paged).
+    ``ints`` are the kernels' (stride_tb, page_size, total_q) arguments, after the (CuQ, CuK, SeqUsed, Table)
+    pointers of `_seq_tensors`; ``flags`` their VARLEN, PAGED, HAS_SEQUSED constexprs; ``batch``, ``sq``,
+    ``sk`` size the grids (varlen: the number of sequences and max_seqlen_q/k, from the Python-int arguments:
+    no host sync); ``page_size`` is the paged cache's (0 when not paged).
     """
 
-    args: tuple
+    ints: tuple[int, int, int]
     flags: dict
     batch: int
     sq: int
@@ -119,23 +120,57 @@ class _Seqs(NamedTuple):
 
 def _seqs(q: Tensor, k: Tensor, a: AttnArgs) -> _Seqs:
     if not a.is_varlen:
-        dummy = _placeholder(q, None)
         flags = {"VARLEN": False, "PAGED": False, "HAS_SEQUSED": False}
-        return _Seqs((dummy, dummy, dummy, dummy, 0, 1, 0), flags, q.shape[0], q.shape[1], k.shape[1])
-    assert a.cu_seqlens_q is not None and a.cu_seqlens_k is not None
+        return _Seqs((0, 1, 0), flags, q.shape[0], q.shape[1], k.shape[1])
+    assert a.cu_seqlens_q is not None
+    paged = a.block_table is not None
+    ints = (a.block_table.shape[1] if paged else 0, k.shape[1] if paged else 1, q.shape[0])  # type: ignore[union-attr]
+    flags = {"VARLEN": True, "PAGED": paged, "HAS_SEQUSED": a.seqused_k is not None}
+    page_size = k.shape[1] if paged else 0
+    return _Seqs(ints, flags, a.cu_seqlens_q.shape[0] - 1, int(a.max_seqlen_q), int(a.max_seqlen_k), page_size)
+
+
+def _seq_tensors(q: Tensor, a: AttnArgs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The kernels' (CuQ, CuK, SeqUsed, Table) pointers: the varlen tensors (block_table made row-major: its
+    row stride is then its width, `_Seqs.ints`), else q's, which dense kernels never read."""
+    if not a.is_varlen:
+        return q, q, q, q
     table = a.block_table.contiguous() if a.block_table is not None else None
-    args = (
-        a.cu_seqlens_q.contiguous(),
-        a.cu_seqlens_k.contiguous(),
+    return (
+        a.cu_seqlens_q.contiguous(),  # type: ignore[union-attr]
+        a.cu_seqlens_k.contiguous(),  # type: ignore[union-attr]
         _placeholder(q, a.seqused_k),
         _placeholder(q, table),
-        table.stride(0) if table is not None else 0,
-        k.shape[1] if table is not None else 1,
-        q.shape[0],
     )
-    flags = {"VARLEN": True, "PAGED": table is not None, "HAS_SEQUSED": a.seqused_k is not None}
-    page_size = k.shape[1] if table is not None else 0
-    return _Seqs(args, flags, a.cu_seqlens_q.shape[0] - 1, int(a.max_seqlen_q), int(a.max_seqlen_k), page_size)
+
+
+# A call's launch arguments are assembled once per signature and kept as a plan: the launches with the call's
+# tensors left out (triton_launch.Launch). A signature holds what the assembly reads: every tensor's shape,
+# strides and dtype (the kernels read their values, the host only their layout), the device and the scalar
+# arguments. Plans are kept only once every configuration they use is settled (tuning.settled): a call that
+# may not tune yet (CUDA-graph capture, autotuning off) takes a fallback it must not keep.
+_plans: dict[tuple, tuple[triton_launch.Launch, ...]] = {}
+_MAX_PLANS = 1024
+
+
+def _signature(tensors: tuple[Tensor, ...], a: AttnArgs) -> tuple:
+    return (
+        tensors[0].device,
+        *[(t.shape, t.stride(), t.dtype) for t in tensors],
+        *[(x.shape, x.stride(), x.dtype) if isinstance(x, Tensor) else x for x in a],
+    )
+
+
+def _planned(key: tuple, build: Callable[[], tuple[tuple[triton_launch.Launch, ...], bool]]):
+    """The plan kept for `key`, else `build()`'s (plan, settled), kept when settled."""
+    plan = _plans.get(key)
+    if plan is None:
+        plan, settled = build()
+        if settled:
+            if len(_plans) >= _MAX_PLANS:
+                _plans.clear()
+            _plans[key] = plan
+    return plan
 
 
 def _strides(t: Tensor) -> tuple[int, int, int]:
@@ -156,72 +191,83 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> tuple[Tensor, Tensor]:
     Varlen: q (total_q, hq, dqk), k/v packed (total_k, h, d) or paged (num_pages, page_size, h, d) ->
     out (total_q, hq, dv), lse (hq, total_q); query tokens past cu_seqlens_q[-1] get out 0, lse -inf.
     """
+    hq = q.shape[-2]
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=_store_dtype(q.dtype))
+    lse = q.new_empty((hq, q.shape[0]) if a.is_varlen else (q.shape[0], hq, q.shape[1]), dtype=torch.float32)
+    if out.numel() == 0:
+        return out.to(q.dtype), lse
+    bias4 = _bias4(a)[0]
+    tensors = (
+        q,
+        _nonempty(k),
+        _nonempty(v),
+        out,
+        lse,
+        _placeholder(q, bias4),
+        _placeholder(q, a.alibi_slopes),
+        _placeholder(q, a.sinks),
+        _rng(q, a),
+        *_seq_tensors(q, a),
+    )
+    plan = _planned(("fwd", *_signature((q, k, v), a)), lambda: _fwd_plan(q, k, v, out, a, tensors))
+    triton_launch.run(plan, tensors)
+    return out.to(q.dtype), lse
+
+
+def _fwd_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, a: AttnArgs, tensors: tuple[Tensor, ...]):
+    """fwd's one launch, its configuration tuned on `tensors` if nobody has yet; and whether it is settled."""
     hq, dqk = q.shape[-2], q.shape[-1]
     hk, hv, dv = k.shape[-2], v.shape[-2], v.shape[-1]
     seqs = _seqs(q, k, a)
-    out = q.new_empty((*q.shape[:-1], dv), dtype=_store_dtype(q.dtype))
-    lse = q.new_empty((hq, q.shape[0]) if a.is_varlen else (seqs.batch, hq, seqs.sq), dtype=torch.float32)
-    if out.numel() == 0:
-        return out.to(q.dtype), lse
     c = _common(q, a)
-    bias4, bstr = _bias4(a)
+    bstr = _bias4(a)[1]
     # varlen: one more row of programs (sequence `batch`) writes the rows past cu_seqlens_q[-1]
     n_seq = seqs.batch + 1 if a.is_varlen else seqs.batch
+    args = (
+        *seqs.ints,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(out),
+        *bstr,
+        c["stride_ab"],
+        hq,
+        hq // hk,
+        hq // hv,
+        seqs.sq,
+        seqs.sk,
+        c["sm_scale"],
+        c["softcap"],
+        c["window_left"],
+        c["window_right"],
+        c["drop_threshold"],
+        1.0 / (1.0 - a.dropout_p),
+    )
+    flags = {f: c[f] for f in ("HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_BIAS", "HAS_DROPOUT")}
 
-    def launch(cfg: tuning.Config) -> None:
+    def plan(cfg: tuning.Config) -> triton_launch.Launch:
         grid = (max(1, tuning.cdiv(seqs.sq, cfg["BLOCK_M"])), n_seq * hq)
-        triton_launch.launch(
-            attn_fwd_kernel,
-            grid,
-            q,
-            _nonempty(k),
-            _nonempty(v),
-            out,
-            lse,
-            _placeholder(q, bias4),
-            _placeholder(q, a.alibi_slopes),
-            _placeholder(q, a.sinks),
-            _rng(q, a),
-            *seqs.args,
-            *_strides(q),
-            *_strides(k),
-            *_strides(v),
-            *_strides(out),
-            *bstr,
-            c["stride_ab"],
-            hq,
-            hq // hk,
-            hq // hv,
-            seqs.sq,
-            seqs.sk,
-            c["sm_scale"],
-            c["softcap"],
-            c["window_left"],
-            c["window_right"],
-            c["drop_threshold"],
-            1.0 / (1.0 - a.dropout_p),
+        kwargs = dict(
             DQK=dqk,
             DV=dv,
             BLOCK_M=cfg["BLOCK_M"],
             BLOCK_N=cfg["BLOCK_N"],
             BLOCK_DQK=tuning.pad_dim(dqk),
             BLOCK_DV=tuning.pad_dim(dv),
-            HAS_LEFT=c["HAS_LEFT"],
-            HAS_RIGHT=c["HAS_RIGHT"],
-            HAS_SOFTCAP=c["HAS_SOFTCAP"],
-            HAS_ALIBI=c["HAS_ALIBI"],
-            HAS_BIAS=c["HAS_BIAS"],
+            **flags,
             HAS_SINKS=a.sinks is not None,
-            HAS_DROPOUT=c["HAS_DROPOUT"],
             PLAIN=not (c["HAS_SOFTCAP"] or c["HAS_ALIBI"] or c["HAS_BIAS"]) and a.softmax_scale > 0,
             PRECISION=c["PRECISION"],
             **seqs.key_flags(cfg["BLOCK_N"]),
             **_launch_opts(cfg),
         )
+        return triton_launch.Launch(attn_fwd_kernel, grid, tuple(range(len(tensors))), args, kwargs)
 
     seqlen = max(seqs.sq, seqs.sk)
-    launch(tuning.get_config("fwd", q.device, q.dtype, dqk, dv, a.is_causal, launch, seqlen))
-    return out.to(q.dtype), lse
+    cfg = tuning.get_config(
+        "fwd", q.device, q.dtype, dqk, dv, a.is_causal, lambda cfg: triton_launch.run((plan(cfg),), tensors), seqlen
+    )
+    return (plan(cfg),), tuning.settled("fwd", q.device, q.dtype, dqk, dv, a.is_causal, seqlen)
 
 
 def probs(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> Tensor:
@@ -296,8 +342,6 @@ def bwd(
     index_put). lse is (b, hq, sq) dense, (hq, total_q) varlen."""
     hq, dqk = q.shape[-2], q.shape[-1]
     hk, hv, dv = k.shape[-2], v.shape[-2], v.shape[-1]
-    seqs = _seqs(q, k, a)
-    b, sq, sk = seqs.batch, seqs.sq, seqs.sk
     lse = lse.contiguous()  # (b, hq, sq) or (hq, total_q) row-major is what the kernels index
     want_dbias = bias_requires_grad and a.attn_bias is not None
     if q.numel() == 0 or k.numel() == 0:
@@ -306,45 +350,22 @@ def bwd(
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias, dsink
     # gradients in their input's layout (empty_like: a permuted-dense input's strides), as bwd's fake says
     dq = torch.empty_like(q, dtype=_store_dtype(q.dtype))
-    c = _common(q, a)
-    bias4, bstr = _bias4(a)
-    bias_arg = _placeholder(q, bias4)
-    alibi_arg = _placeholder(q, a.alibi_slopes)
-    rng = _rng(q, a)
-    drop_rescale = 1.0 / (1.0 - a.dropout_p)
-
+    bias4 = _bias4(a)[0]
     # delta = rowsum(dO * O) in lse's layout: the dQ launch writes it for the dK/dV launch after it, or
     # bwd_preprocess_kernel does before a one-launch backward. Varlen rows past cu_seqlens_q[-1] belong to
     # no dQ program and keep 0 (dsink reads every row).
     delta = (torch.zeros if a.is_varlen else torch.empty)(lse.shape, dtype=torch.float32, device=q.device)
-
-    def preprocess() -> None:  # before a one-launch backward (dense inputs only)
-        block = 16 if tuning.interpreting() else 64
-        triton_launch.launch(
-            bwd_preprocess_kernel,
-            (tuning.cdiv(sq, block), b * hq),
-            out,
-            dout,
-            delta,
-            *_strides(out),
-            *_strides(dout),
-            hq,
-            sq,
-            DV=dv,
-            BLOCK_M=block,
-            BLOCK_DV=tuning.pad_dim(dv),
-        )
 
     # dK/dV: with hk == hv a program sums the query heads of its kv head in registers; otherwise
     # (hk != hv: k and v heads group query heads differently) per-query-head float32 buffers.
     # Varlen buffers start at zero: keys no sequence uses (past seqused_k or cu_seqlens_k[-1]) get
     # no program. Paged caches get per-(sequence, slot) float32 rows, summed onto the pages below.
     grouped = hk == hv
-    n_groups, group = (hk, hq // hk) if grouped else (hq, 1)
+    n_groups = hk if grouped else hq
     paged = a.block_table is not None
     if paged:
         assert a.block_table is not None
-        rows: tuple[int, ...] = (b, a.block_table.shape[1] * k.shape[1])
+        rows: tuple[int, ...] = (_seqs(q, k, a).batch, a.block_table.shape[1] * k.shape[1])
     else:
         rows = tuple(k.shape[:-2])
     kernel_writes_dkdv = grouped and not paged  # otherwise float32 buffers, reduced here
@@ -356,9 +377,10 @@ def bwd(
         alloc = torch.zeros if a.is_varlen else torch.empty
         dk_buf = alloc((*rows, n_groups, dqk), dtype=torch.float32, device=q.device)
         dv_buf = alloc((*rows, n_groups, dv), dtype=torch.float32, device=q.device)
-
-    dbias_full = torch.zeros((b, hq, sq, sk), dtype=torch.float32, device=q.device) if want_dbias else None
-    n_seq = b + 1 if a.is_varlen else b  # varlen: sequence `batch` zeroes dq past cu_seqlens_q[-1]
+    dbias_full = None
+    if want_dbias:
+        seqs = _seqs(q, k, a)
+        dbias_full = torch.zeros((seqs.batch, hq, seqs.sq, seqs.sk), dtype=torch.float32, device=q.device)
     tensors = (
         q,
         k,
@@ -371,86 +393,14 @@ def bwd(
         dk_buf,
         dv_buf,
         _placeholder(q, dbias_full),
-        bias_arg,
-        alibi_arg,
-        rng,
+        _placeholder(q, bias4),
+        _placeholder(q, a.alibi_slopes),
+        _rng(q, a),
+        *_seq_tensors(q, a),
     )
-    strides = (
-        *_strides(q),
-        *_strides(k),
-        *_strides(v),
-        *_strides(out),
-        *_strides(dout),
-        *_strides(dq),
-        *_strides(dk_buf),
-        *_strides(dv_buf),
-        *bstr,
-        c["stride_ab"],
-    )
-    scalars = (hq, n_groups, group, hq // hk, hq // hv, sq, sk, c["sm_scale"], c["softcap"])
-    scalars += (c["window_left"], c["window_right"], c["drop_threshold"], drop_rescale)
-    flags = {
-        "DQK": dqk,
-        "DV": dv,
-        "BLOCK_DQK": tuning.pad_dim(dqk),
-        "BLOCK_DV": tuning.pad_dim(dv),
-        **{f: c[f] for f in ("HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_BIAS", "HAS_DROPOUT")},
-        "HAS_DBIAS": want_dbias,
-        "PRECISION": c["PRECISION"],
-    }
-
-    def launch(
-        part: str,
-        grid: tuple[int, int],
-        kv_cfg: tuning.Config,
-        q_cfg: tuning.Config,
-        key_block: int,
-        n_key_tiles: int = 0,
-    ) -> None:
-        triton_launch.launch(
-            attn_bwd_kernel,
-            grid,
-            *tensors,
-            *seqs.args,
-            *strides,
-            *scalars,
-            n_key_tiles,
-            DKDV_BLOCK_M=kv_cfg["BLOCK_M"],
-            DKDV_BLOCK_N=kv_cfg["BLOCK_N"],
-            DQ_BLOCK_M=q_cfg["BLOCK_M"],
-            DQ_BLOCK_N=q_cfg["BLOCK_N"],
-            PART=part,
-            **flags,
-            **seqs.key_flags(key_block),
-            **_launch_opts(kv_cfg),
-        )
-
-    def launch_dkdv(cfg: tuning.Config) -> None:
-        launch("dkdv", (max(1, tuning.cdiv(sk, cfg["BLOCK_N"])), b * n_groups), cfg, cfg, cfg["BLOCK_N"])
-
-    def launch_dq(cfg: tuning.Config) -> None:
-        launch("dq", (max(1, tuning.cdiv(sq, cfg["BLOCK_M"])), n_seq * hq), cfg, cfg, cfg["BLOCK_N"])
-
-    seqlen = max(sq, sk)
-    # dQ first: when both are tuned, the dQ candidates write delta before the dK/dV candidates read it (a dK/dV
-    # tune alone times them on delta as it is: no branch depends on its values)
-    q_cfg = tuning.get_config("dq", q.device, q.dtype, dqk, dv, a.is_causal, launch_dq, seqlen)
-    kv_cfg = tuning.get_config("dkdv", q.device, q.dtype, dqk, dv, a.is_causal, launch_dkdv, seqlen)
-
-    def launch_parts(choice: tuning.Config) -> None:
-        if choice["one_launch"]:
-            preprocess()
-            n_key_tiles = tuning.cdiv(sk, kv_cfg["BLOCK_N"])
-            grid = (n_key_tiles + tuning.cdiv(sq, q_cfg["BLOCK_M"]) * group, b * n_groups)
-            launch("both", grid, kv_cfg, q_cfg, kv_cfg["BLOCK_N"], n_key_tiles)
-        else:
-            launch_dq(q_cfg)
-            launch_dkdv(kv_cfg)
-
-    choice = {"one_launch": 0}
-    if _fusable(a, kv_cfg, q_cfg):
-        choice = tuning.get_config("bwd", q.device, q.dtype, dqk, dv, a.is_causal, launch_parts, seqlen)
-    launch_parts(choice)
+    signature = ("bwd", bias_requires_grad, *_signature((dout, q, k, v, out, lse), a))
+    plan = _planned(signature, lambda: _bwd_plan(q, k, v, a, tensors, want_dbias))
+    triton_launch.run(plan, tensors)
     # deterministic reduction over the query heads reading each k / v head, then over the sequences
     # sharing each page
     dk = dk_buf if grouped else dk_buf.view(*rows, hk, hq // hk, dqk).sum(-2)
@@ -476,6 +426,109 @@ def bwd(
         p_sink = torch.exp(a.sinks.float()[:, None] - lse).masked_fill(torch.isneginf(lse), 0.0)
         dsink = (-(p_sink * delta).reshape(-1, hq, lse.shape[-1]).sum((0, 2))).to(a.sinks.dtype)
     return dq.to(q.dtype), dk, dvv, dbias, dsink
+
+
+def _bwd_plan(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs, tensors: tuple[Tensor, ...], want_dbias: bool):
+    """bwd's launches (the preprocess and one dK/dV+dQ launch, or the dQ launch then the dK/dV launch), their
+    configurations tuned on `tensors` if nobody has yet; and whether they are settled."""
+    hq, dqk = q.shape[-2], q.shape[-1]
+    hk, hv, dv = k.shape[-2], v.shape[-2], v.shape[-1]
+    out, dout, dq, dk_buf, dv_buf = (tensors[i] for i in (3, 4, 7, 8, 9))
+    seqs = _seqs(q, k, a)
+    b, sq, sk = seqs.batch, seqs.sq, seqs.sk
+    n_groups, group = (hk, hq // hk) if hk == hv else (hq, 1)
+    c = _common(q, a)
+    n_seq = b + 1 if a.is_varlen else b  # varlen: sequence `batch` zeroes dq past cu_seqlens_q[-1]
+    args = (
+        *seqs.ints,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(out),
+        *_strides(dout),
+        *_strides(dq),
+        *_strides(dk_buf),
+        *_strides(dv_buf),
+        *_bias4(a)[1],
+        c["stride_ab"],
+        hq,
+        n_groups,
+        group,
+        hq // hk,
+        hq // hv,
+        sq,
+        sk,
+        c["sm_scale"],
+        c["softcap"],
+        c["window_left"],
+        c["window_right"],
+        c["drop_threshold"],
+        1.0 / (1.0 - a.dropout_p),
+    )
+    flags = {
+        "DQK": dqk,
+        "DV": dv,
+        "BLOCK_DQK": tuning.pad_dim(dqk),
+        "BLOCK_DV": tuning.pad_dim(dv),
+        **{f: c[f] for f in ("HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_BIAS", "HAS_DROPOUT")},
+        "HAS_DBIAS": want_dbias,
+        "PRECISION": c["PRECISION"],
+    }
+    every_tensor = tuple(range(len(tensors)))
+
+    def part(
+        name: str,
+        grid: tuple[int, int],
+        kv_cfg: tuning.Config,
+        q_cfg: tuning.Config,
+        key_block: int,
+        n_key_tiles: int = 0,
+    ) -> triton_launch.Launch:
+        kwargs = dict(
+            DKDV_BLOCK_M=kv_cfg["BLOCK_M"],
+            DKDV_BLOCK_N=kv_cfg["BLOCK_N"],
+            DQ_BLOCK_M=q_cfg["BLOCK_M"],
+            DQ_BLOCK_N=q_cfg["BLOCK_N"],
+            PART=name,
+            **flags,
+            **seqs.key_flags(key_block),
+            **_launch_opts(kv_cfg),
+        )
+        return triton_launch.Launch(attn_bwd_kernel, grid, every_tensor, (*args, n_key_tiles), kwargs)
+
+    def dkdv(cfg: tuning.Config) -> triton_launch.Launch:
+        return part("dkdv", (max(1, tuning.cdiv(sk, cfg["BLOCK_N"])), b * n_groups), cfg, cfg, cfg["BLOCK_N"])
+
+    def dq_part(cfg: tuning.Config) -> triton_launch.Launch:
+        return part("dq", (max(1, tuning.cdiv(sq, cfg["BLOCK_M"])), n_seq * hq), cfg, cfg, cfg["BLOCK_N"])
+
+    def parts(choice: tuning.Config) -> tuple[triton_launch.Launch, ...]:
+        if not choice["one_launch"]:
+            return dq_part(q_cfg), dkdv(kv_cfg)
+        block = 16 if tuning.interpreting() else 64
+        preprocess = triton_launch.Launch(
+            bwd_preprocess_kernel,
+            (tuning.cdiv(sq, block), b * hq),
+            (3, 4, 6),  # out, dout, delta
+            (*_strides(out), *_strides(dout), hq, sq),
+            dict(DV=dv, BLOCK_M=block, BLOCK_DV=tuning.pad_dim(dv)),
+        )
+        n_key_tiles = tuning.cdiv(sk, kv_cfg["BLOCK_N"])
+        grid = (n_key_tiles + tuning.cdiv(sq, q_cfg["BLOCK_M"]) * group, b * n_groups)
+        return preprocess, part("both", grid, kv_cfg, q_cfg, kv_cfg["BLOCK_N"], n_key_tiles)
+
+    seqlen = max(sq, sk)
+    tuned = (q.device, q.dtype, dqk, dv, a.is_causal)
+    # dQ first: when both are tuned, the dQ candidates write delta before the dK/dV candidates read it (a dK/dV
+    # tune alone times them on delta as it is: no branch depends on its values)
+    q_cfg = tuning.get_config("dq", *tuned, lambda cfg: triton_launch.run((dq_part(cfg),), tensors), seqlen)
+    kv_cfg = tuning.get_config("dkdv", *tuned, lambda cfg: triton_launch.run((dkdv(cfg),), tensors), seqlen)
+    settled = tuning.settled("dq", *tuned, seqlen) and tuning.settled("dkdv", *tuned, seqlen)
+    choice: tuning.Config = {"one_launch": 0}
+    if _fusable(a, kv_cfg, q_cfg):
+        choice = tuning.get_config("bwd", *tuned, lambda cfg: triton_launch.run(parts(cfg), tensors), seqlen)
+        settled = settled and tuning.settled("bwd", *tuned, seqlen)
+    return parts(choice), settled
 
 
 def _sum_pages(d_slots: Tensor, cache: Tensor, block_table: Tensor) -> Tensor:

@@ -252,7 +252,7 @@ def get_config(
     kernel once) if none is known."""
     if interpreting():
         return default_config(kernel, dtype, dqk, dv)
-    picked_key = (kernel, device, dtype, dqk, dv, causal, seqlen <= SHORT_SEQLEN)
+    picked_key = _picked_key(kernel, device, dtype, dqk, dv, causal, seqlen)
     cfg = _picked.get(picked_key)
     if cfg is not None:
         return cfg
@@ -277,6 +277,18 @@ def get_config(
             )
         _memory[key] = _picked[picked_key] = cfg
         return cfg
+
+
+def _picked_key(kernel: str, device: torch.device, dtype: torch.dtype, dqk: int, dv: int, causal: bool, seqlen: int):
+    return (kernel, device, dtype, dqk, dv, causal, seqlen <= SHORT_SEQLEN)
+
+
+def settled(
+    kernel: str, device: torch.device, dtype: torch.dtype, dqk: int, dv: int, causal: bool, seqlen: int
+) -> bool:
+    """Whether `get_config` with these arguments returns the same configuration from now on in this process
+    (the interpreter's default, or a memoised pick); not while it falls back because it may not tune yet."""
+    return interpreting() or _picked_key(kernel, device, dtype, dqk, dv, causal, seqlen) in _picked
 
 
 def _tune(launch: Callable[[Config], None], cands: list[Config], key: str) -> Optional[Config]:

@@ -131,11 +131,13 @@ def test_one_launch_backward_equals_two(c: Case, monkeypatch) -> None:
 
     monkeypatch.setattr(triton_backend.tuning, "get_config", get_config)
     monkeypatch.setattr(triton_backend, "attn_bwd_kernel", RecordParts())
+    monkeypatch.setattr(triton_backend, "_plans", {})  # plans made here hold RecordParts and a forced choice
     q, k, v, slopes, bias, sinks, rng, dout = make_inputs(c, "cpu")
     a = attn_args(c, slopes, bias, sinks, rng)
     out, lse = (t.detach() for t in torch.ops.flexattn.fwd(q, k, v, *a))
     one = torch.ops.flexattn.bwd(dout, q, k, v, out, lse, *a, bias is not None)
     one_launch["one_launch"] = 0
+    triton_backend._plans.clear()  # the choice changed under an unchanged signature
     two = torch.ops.flexattn.bwd(dout, q, k, v, out, lse, *a, bias is not None)
     assert parts == ["both", "dq", "dkdv"]
     ref = reference.bwd(dout, q, k, v, out, lse, a, bias is not None)
@@ -243,3 +245,70 @@ def test_load_rows_reads_only_rows_below_n(n: int, d: int) -> None:
     past = valid[n - 1].expand(rows - n, d) if d == block_d else torch.zeros(rows - n, d)
     assert torch.equal(out[n:, :d], past)
     assert not out[:, d:].any()
+
+
+# Cases of one shape that differ in one thing each that a plan depends on (triton_backend._signature): run in
+# turn, each after the others' plans are kept, a field missing from the signature would replay a wrong plan.
+PLAN_CASES = [
+    Case(),
+    Case(scale=0.05),
+    Case(causal=True),
+    Case(window=(5, 2)),
+    Case(softcap=3.0),
+    Case(alibi="h"),
+    Case(alibi="bh"),
+    Case(bias=(1, 2, 17, 33)),
+    Case(bias=(2, 1, 1, 33)),
+    Case(bias=(1, 2, 17, 33), bias_grad=False),
+    Case(sinks=True),
+    Case(dropout_p=0.2),
+    Case(layout="permuted"),
+    Case(layout="sliced"),
+    Case(hk=1, hv=1),
+    Case(hk=1, hv=2),
+]
+
+
+def test_plans_kept_per_signature(monkeypatch) -> None:
+    """Every case of PLAN_CASES matches the oracle both times it runs, the second time from kept plans."""
+    from flexattn_ops import triton_backend
+
+    monkeypatch.setattr(triton_backend, "_plans", {})
+    for c in PLAN_CASES:
+        check_case(c, "cpu")
+    kept = len(triton_backend._plans)
+    # a fwd and a bwd plan each, but for one forward: bias_grad changes the backward only
+    assert kept == 2 * len(PLAN_CASES) - 1
+    for c in PLAN_CASES:
+        check_case(c, "cpu")
+    assert len(triton_backend._plans) == kept
+
+
+@pytest.mark.parametrize("settled", [True, False])
+def test_plan_made_once_and_kept_only_when_settled(settled: bool, monkeypatch) -> None:
+    """A repeated call replays the kept plan (no second assembly, no get_config); a call whose configuration
+    may still change (autotuning not allowed yet) assembles anew every time."""
+    from flexattn_ops import triton_backend
+    from tests.triton_cases import attn_args, make_inputs
+
+    monkeypatch.setattr(triton_backend, "_plans", {})
+    monkeypatch.setattr(triton_backend.tuning, "settled", lambda *args: settled)
+    made = {"fwd": 0, "bwd": 0}
+    for name in made:
+        build = getattr(triton_backend, f"_{name}_plan")
+
+        def counted(*args, name=name, build=build):
+            made[name] += 1
+            return build(*args)
+
+        monkeypatch.setattr(triton_backend, f"_{name}_plan", counted)
+    c = Case(causal=True)
+    q, k, v, slopes, bias, sinks, rng, dout = make_inputs(c, "cpu")
+    a = attn_args(c, slopes, bias, sinks, rng)
+    results = []
+    for _ in range(3):
+        out, lse = triton_backend.fwd(q, k, v, a)
+        results.append((out, lse, *triton_backend.bwd(dout, q, k, v, out, lse, a, False)[:3]))
+    assert made == ({"fwd": 1, "bwd": 1} if settled else {"fwd": 3, "bwd": 3})
+    for x, y in zip(results[0], results[2], strict=True):
+        assert torch.equal(x, y)
