@@ -42,20 +42,26 @@ _unspecialized: dict[Any, tuple[int, ...]] = {}  # kernel -> positions of its do
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     """``kernel[grid](*args, **kwargs)`` for a ``@triton.jit`` kernel: positional runtime arguments, constexprs
     and launch options (num_warps, num_stages) by keyword."""
+    _launch(kernel, grid, args, kwargs)
+
+
+def _launch(kernel: Any, grid: tuple[int, ...], args: tuple, kwargs: dict) -> Optional[tuple[Any, tuple]]:
+    """`launch`; returns what it keeps for the call's key (None where it keeps nothing)."""
     if tuning.interpreting() or kernel.pre_run_hooks:
         kernel[grid](*args, **kwargs)
-        return
+        return None
     key = _key(kernel, args, kwargs)
     hit = _compiled.get(key)
     if hit is not None:
         compiled, tail = hit
         compiled[(*grid, 1, 1)[:3]](*args, *tail)
-        return
+        return hit
     hit = _launch_and_keep(kernel, grid, args, kwargs)
     if hit is not None:
         if len(_compiled) >= _MAX_ENTRIES:
             _compiled.clear()
         _compiled[key] = hit
+    return hit
 
 
 def _launch_and_keep(kernel: Any, grid: tuple[int, ...], args: tuple, kwargs: dict) -> Optional[tuple[Any, tuple]]:
@@ -98,7 +104,8 @@ def run(plan: Sequence[Launch], tensors: Sequence[Tensor]) -> None:
         if hit is not None:
             hit[0][step.grid](*picked, *step.args, *hit[1])
             continue
-        hit = _launch_and_keep(step.kernel, step.grid, (*picked, *step.args), step.kwargs)
+        # a new plan (varlen: a new max_seqlen) still finds the kernel an equal launch compiled
+        hit = _launch(step.kernel, step.grid, (*picked, *step.args), step.kwargs)
         if hit is not None:
             if len(step.compiled) >= _MAX_ENTRIES_PER_LAUNCH:
                 step.compiled.clear()

@@ -204,3 +204,34 @@ def test_equal_keys_specialise_alike_under_triton(specialize: bool, monkeypatch)
                 spec_a = native_specialize_impl(BaseBackend, a, False, specialize, True)
                 spec_b = native_specialize_impl(BaseBackend, b, False, specialize, True)
                 assert spec_a == spec_b, (a, b)
+
+
+def test_plan_launch_keys_by_alignment_device_and_settings(kernel: FakeKernel, monkeypatch) -> None:
+    """A plan's Launch replays its kernel directly for other tensors at the same alignment; a misaligned tensor,
+    another device or debug mode gets its own kernel; a new Launch equal to an old one (a new plan) reuses the
+    kernel `launch` keeps."""
+    step = triton_launch.Launch(kernel, (2,), (1,), (5, 100, 0.5), {"BLOCK": 32})
+    a, b = _buf(), _buf()
+    triton_launch.run([step], [b, a])
+    triton_launch.run([step], [a, b])
+    assert kernel.compiles == 1
+    assert kernel.launches[-1] == ("direct", (2, 1, 1), (b, 5, 100, 0.5, 32, False))
+    triton_launch.run([step], [a, a[1:]])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    triton_launch.run([step], [a, a])
+    monkeypatch.setattr(knobs.runtime, "debug", True)
+    triton_launch.run([step], [a, a])
+    assert kernel.compiles == 4
+    monkeypatch.setattr(knobs.runtime, "debug", False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    again = triton_launch.Launch(kernel, (2,), (1,), (5, 100, 0.5), {"BLOCK": 32})
+    triton_launch.run([again], [a, a])
+    assert kernel.compiles == 4 and kernel.launches[-1][0] == "direct"
+
+
+def test_plan_launch_in_the_interpreter_calls_the_kernel(kernel: FakeKernel, monkeypatch) -> None:
+    monkeypatch.setattr(triton_launch.tuning, "interpreting", lambda: True)
+    step = triton_launch.Launch(kernel, (2,), (0,), (5, 100, 0.5), {})
+    for _ in range(2):
+        triton_launch.run([step], [_buf()])
+    assert kernel.compiles == 2 and not step.compiled
