@@ -60,24 +60,36 @@ def _store_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if tuning.dot_precision(dtype) == "upcast" else dtype
 
 
-def _common(q: Tensor, a: AttnArgs) -> dict:
-    """Scalar kernel arguments and feature flags shared by every kernel."""
+class _Common(NamedTuple):
+    """What every kernel takes alike: ``scalars`` (sm_scale, softcap, window_left, window_right,
+    drop_threshold, in the kernels' order), ``flags`` (the HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+    HAS_BIAS, HAS_DROPOUT constexprs), the dot ``precision`` and the alibi slopes' batch stride."""
+
+    scalars: tuple[float, float, int, int, int]
+    flags: dict
+    precision: str
+    stride_ab: int
+
+
+def _common(q: Tensor, a: AttnArgs) -> _Common:
     has_alibi = a.alibi_slopes is not None
-    return {
-        "sm_scale": float(a.softmax_scale),
-        "softcap": float(a.softcap) if a.softcap > 0 else 1.0,
-        "window_left": max(int(a.window_left), 0),
-        "window_right": max(int(a.window_right), 0),
-        "drop_threshold": dropout_threshold(a.dropout_p) if a.dropout_p > 0 else 0,
+    scalars = (
+        float(a.softmax_scale),
+        float(a.softcap) if a.softcap > 0 else 1.0,
+        max(int(a.window_left), 0),
+        max(int(a.window_right), 0),
+        dropout_threshold(a.dropout_p) if a.dropout_p > 0 else 0,
+    )
+    flags = {
         "HAS_LEFT": a.window_left >= 0,
         "HAS_RIGHT": a.window_right >= 0,
         "HAS_SOFTCAP": a.softcap > 0,
         "HAS_ALIBI": has_alibi,
         "HAS_BIAS": a.attn_bias is not None,
         "HAS_DROPOUT": a.dropout_p > 0,
-        "PRECISION": tuning.dot_precision(q.dtype),
-        "stride_ab": (a.alibi_slopes.stride(0) if a.alibi_slopes.dim() == 2 else 0) if has_alibi else 0,
     }
+    stride_ab = (a.alibi_slopes.stride(0) if a.alibi_slopes.dim() == 2 else 0) if has_alibi else 0
+    return _Common(scalars, flags, tuning.dot_precision(q.dtype), stride_ab)
 
 
 def _placeholder(q: Tensor, t: Optional[Tensor]) -> Tensor:
@@ -230,20 +242,15 @@ def _fwd_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, a: AttnArgs, tensors
         *_strides(v),
         *_strides(out),
         *bstr,
-        c["stride_ab"],
+        c.stride_ab,
         hq,
         hq // hk,
         hq // hv,
         seqs.sq,
         seqs.sk,
-        c["sm_scale"],
-        c["softcap"],
-        c["window_left"],
-        c["window_right"],
-        c["drop_threshold"],
+        *c.scalars,
         1.0 / (1.0 - a.dropout_p),
     )
-    flags = {f: c[f] for f in ("HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_BIAS", "HAS_DROPOUT")}
 
     def plan(cfg: tuning.Config) -> triton_launch.Launch:
         grid = (max(1, tuning.cdiv(seqs.sq, cfg["BLOCK_M"])), n_seq * hq)
@@ -254,10 +261,10 @@ def _fwd_plan(q: Tensor, k: Tensor, v: Tensor, out: Tensor, a: AttnArgs, tensors
             BLOCK_N=cfg["BLOCK_N"],
             BLOCK_DQK=tuning.pad_dim(dqk),
             BLOCK_DV=tuning.pad_dim(dv),
-            **flags,
+            **c.flags,
             HAS_SINKS=a.sinks is not None,
-            PLAIN=not (c["HAS_SOFTCAP"] or c["HAS_ALIBI"] or c["HAS_BIAS"]) and a.softmax_scale > 0,
-            PRECISION=c["PRECISION"],
+            PLAIN=not (c.flags["HAS_SOFTCAP"] or c.flags["HAS_ALIBI"] or c.flags["HAS_BIAS"]) and a.softmax_scale > 0,
+            PRECISION=c.precision,
             **seqs.key_flags(cfg["BLOCK_N"]),
             **_launch_opts(cfg),
         )
@@ -295,27 +302,18 @@ def probs(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> Tensor:
         *q.stride()[:3],
         *k.stride()[:3],
         *bstr,
-        c["stride_ab"],
+        c.stride_ab,
         hq,
         hq // hk,
         sq,
         sk,
-        c["sm_scale"],
-        c["softcap"],
-        c["window_left"],
-        c["window_right"],
-        c["drop_threshold"],
+        *c.scalars,
         DQK=dqk,
         BLOCK_M=block,
         BLOCK_N=block,
         BLOCK_DQK=tuning.pad_dim(dqk),
-        HAS_LEFT=c["HAS_LEFT"],
-        HAS_RIGHT=c["HAS_RIGHT"],
-        HAS_SOFTCAP=c["HAS_SOFTCAP"],
-        HAS_ALIBI=c["HAS_ALIBI"],
-        HAS_BIAS=c["HAS_BIAS"],
-        HAS_DROPOUT=c["HAS_DROPOUT"],
-        PRECISION=c["PRECISION"],
+        **c.flags,
+        PRECISION=c.precision,
     )
     return p
 
@@ -450,7 +448,7 @@ def _bwd_plan(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs, tensors: tuple[Tenso
         *_strides(dk_buf),
         *_strides(dv_buf),
         *_bias4(a)[1],
-        c["stride_ab"],
+        c.stride_ab,
         hq,
         n_groups,
         group,
@@ -458,11 +456,7 @@ def _bwd_plan(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs, tensors: tuple[Tenso
         hq // hv,
         sq,
         sk,
-        c["sm_scale"],
-        c["softcap"],
-        c["window_left"],
-        c["window_right"],
-        c["drop_threshold"],
+        *c.scalars,
         1.0 / (1.0 - a.dropout_p),
     )
     flags = {
@@ -470,9 +464,9 @@ def _bwd_plan(q: Tensor, k: Tensor, v: Tensor, a: AttnArgs, tensors: tuple[Tenso
         "DV": dv,
         "BLOCK_DQK": tuning.pad_dim(dqk),
         "BLOCK_DV": tuning.pad_dim(dv),
-        **{f: c[f] for f in ("HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_BIAS", "HAS_DROPOUT")},
+        **c.flags,
         "HAS_DBIAS": want_dbias,
-        "PRECISION": c["PRECISION"],
+        "PRECISION": c.precision,
     }
     every_tensor = tuple(range(len(tensors)))
 
