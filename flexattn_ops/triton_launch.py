@@ -96,17 +96,17 @@ def run(plan: Sequence[Launch], tensors: Sequence[Tensor]) -> None:
     direct = not tuning.interpreting()
     for step in plan:
         picked = [tensors[i] for i in step.picks]
-        if not direct or step.kernel.pre_run_hooks:
-            step.kernel[step.grid](*picked, *step.args, **step.kwargs)
-            continue
-        key = (torch.cuda.current_device(), _triton_settings(), *[t.data_ptr() & 15 for t in picked])
-        hit = step.compiled.get(key)
-        if hit is not None:
-            hit[0][step.grid](*picked, *step.args, *hit[1])
-            continue
-        # a new plan (varlen: a new max_seqlen) still finds the kernel an equal launch compiled
+        key = None
+        if direct and not step.kernel.pre_run_hooks:
+            key = (torch.cuda.current_device(), _triton_settings(), *[t.data_ptr() & 15 for t in picked])
+            hit = step.compiled.get(key)
+            if hit is not None:
+                hit[0][step.grid](*picked, *step.args, *hit[1])
+                continue
+        # `launch`'s path: the interpreter and pre-run hooks bypass it; a new plan (varlen: a new max_seqlen)
+        # finds there the kernel an equal launch compiled
         hit = _launch(step.kernel, step.grid, (*picked, *step.args), step.kwargs)
-        if hit is not None:
+        if key is not None and hit is not None:
             if len(step.compiled) >= _MAX_ENTRIES_PER_LAUNCH:
                 step.compiled.clear()
             step.compiled[key] = hit
