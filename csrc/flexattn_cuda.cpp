@@ -142,12 +142,19 @@ void fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
   auto window = [&](int64_t w) -> int { return w < 0 || w >= int64_t(p.rows_q) + p.rows_k ? -1 : int(w); };
   p.window_left = window(window_left), p.window_right = window(window_right);
 
-  // The persistent CTAs' tile counter: stream-ordered workspace from the caching allocator, zeroed
-  // on the stream (a memset node under CUDA-graph capture).
-  at::Tensor const tile_counter = at::empty({1}, q.options().dtype(at::kInt));
-  p.tile_counter = tile_counter.data_ptr<int>();
+  // Tiles of unequal cost (a causal/window mask, varlen, seqused_k) balance over the persistent CTAs
+  // through a tile counter: stream-ordered workspace from the caching allocator, zeroed on the stream
+  // (a memset node under CUDA-graph capture). Tiles of equal cost need none, and skip the memset's
+  // ~2 us, about 1% of a seqlen-512 call.
   cudaStream_t const stream = c10::cuda::getCurrentCUDAStream().stream();
-  C10_CUDA_CHECK(cudaMemsetAsync(p.tile_counter, 0, sizeof(int), stream));
+  bool const unequal_tiles = p.window_left >= 0 || p.window_right >= 0 || varlen || p.seqused_k != nullptr;
+  at::Tensor tile_counter;
+  p.tile_counter = nullptr;
+  if (unequal_tiles) {
+    tile_counter = at::empty({1}, q.options().dtype(at::kInt));
+    p.tile_counter = tile_counter.data_ptr<int>();
+    C10_CUDA_CHECK(cudaMemsetAsync(p.tile_counter, 0, sizeof(int), stream));
+  }
   kernel->launcher(p, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -824,6 +824,32 @@ def test_gpu_garbage_past_the_keys_stays_out(dims):
 
 @gpu
 @pytest.mark.usefixtures("on_cuda")
+@pytest.mark.parametrize("growth", [3.0, 0.4], ids=["rescale-every-block", "stale-max"])
+@pytest.mark.parametrize("dims", [(128, 128), (64, 64), (256, 256)], ids=lambda d: f"{d[0]}x{d[1]}")
+def test_gpu_row_maxima_growing_across_key_blocks(dims, growth):
+    """The kernel moves a row's reference maximum only when a key block's scores exceed it by more than
+    2^8 (softmax.cuh), and then rescales O. It visits key blocks last first, so keys scaled up towards
+    the start make each block's maxima larger than the last: by ~12 log2 units per 128 keys at growth 3
+    (every block rescales), ~1.5 at 0.4 (mostly the stale maximum, probabilities up to 2^8)."""
+    from flexattn_ops.testing import assert_close_to_oracle, attention_ref
+
+    dqk, dv = dims
+    sq, sk = 203, 1023
+    q, k, v = rand_qkv(2, sq, sk, 4, 2, 2, dqk, dv, BF16, device="cuda")
+    keys_from_end = torch.arange(sk - 1, -1, -1, device="cuda", dtype=torch.float32)
+    k = (k.float() * (1 + growth * keys_from_end / 128)[None, :, None, None]).to(BF16)
+    for causal in (False, True):
+        out, lse = torch.ops.flexattn.fwd(q, k, v, *AttnArgs(softmax_scale=dqk**-0.5, window_right=0 if causal else -1))
+        ref, ref_lse = attention_ref(q, k, v, causal=causal)
+        base, base_lse = attention_ref(q, k, v, causal=causal, compute_dtype=BF16)
+        assert_close_to_oracle("out", out, ref, base, atol=1e-3)
+        assert_close_to_oracle("lse", lse, ref_lse, base_lse.float(), atol=1e-3)
+        # scores near 70 cost the bf16 baseline its precision: hold ours to bf16's rounding of out too
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=0)
+
+
+@gpu
+@pytest.mark.usefixtures("on_cuda")
 def test_gpu_edge_arguments(monkeypatch):
     """All-empty varlen queries with padding rows; a window wider than int32 arithmetic; a size-1
     batch axis with a stride TMA could not describe; under auto, softmax_scale 0 falls back to Triton."""

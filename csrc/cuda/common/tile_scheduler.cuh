@@ -2,8 +2,10 @@
 //
 // Tiles are numbered query block fastest, so CTAs running at the same time mostly share one
 // head's K and V (L2 reuse). Causal and windowed grids take the query blocks that see the most
-// keys (the last ones) first. CTA i starts with tile i; each later tile goes to whichever CTA asks
-// first (an atomic counter), so costlier tiles (causal, windowed, varlen) balance over the SMs.
+// keys (the last ones) first. CTA i starts with tile i. When tiles differ in cost (causal, windowed,
+// varlen) each later tile goes to whichever CTA asks first (an atomic counter), so they balance over
+// the SMs; when all cost the same, CTA i takes every gridDim.x-th tile, which needs no counter and so
+// no memset before the launch.
 #pragma once
 
 namespace flexattn {
@@ -18,8 +20,13 @@ struct TileScheduler {
 
   __device__ int num_tiles() const { return num_m_blocks * heads * batch; }
 
-  // The tile after this CTA's current one: gridDim.x plus how many CTAs asked before.
-  __device__ int next(int* counter) const { return int(gridDim.x) + atomicAdd(counter, 1); }
+  // This CTA's tile number `step` (its first is 0) for step > 0: with a counter, gridDim.x plus how
+  // many CTAs asked before; without one (tiles of equal cost), blockIdx.x + step * gridDim.x. (The
+  // step, not the previous index: the caller counts steps anyway, and the producer thread that calls
+  // this is short of registers.)
+  __device__ int next(int* counter, int step) const {
+    return counter != nullptr ? int(gridDim.x) + atomicAdd(counter, 1) : int(blockIdx.x) + step * int(gridDim.x);
+  }
 
   __device__ TileCoord tile(int index) const {
     int const m = index % num_m_blocks;

@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
     // The next tile is drawn after this one's loads are issued: the producer then waits for free
     // K/V stages anyway, and the index is not live through the load loop (the producer thread runs
     // on 24 - 32 registers; kernel_traits.cuh).
-    for (int index = blockIdx.x;; index = scheduler.next(p.tile_counter), ring.advance()) {
+    for (int index = blockIdx.x;; ring.advance(), index = scheduler.next(p.tile_counter, ring.uses)) {
       smem.tile_empty[ring.slot()].wait(ring.phase() ^ 1);  // the consumers have read the slot's last index
       asm volatile("" ::: "memory");
       smem.tile_index[ring.slot()] = index;

@@ -15,34 +15,35 @@ namespace flexattn::sm90 {
 
 using namespace cute;
 
-// Tile shape per (dqk, dv) and whether the mask is local (causal or windowed).
+// Tile shape per (dqk, dv) and whether the call wants narrow key tiles (kNarrow, launch.cuh).
 // - kBlockN: the largest key tile for which Q + 2 stages of K and V fit in the 227 KB of shared
 //   memory and the O accumulator (dv/2 fp32 registers per thread), the scores (kBlockN/2) and P
 //   (kBlockN/4) fit in 240 registers. 192/192 with 112: 48 + 2 x 42 + 2 x 42 = 216 KB; 256/256
 //   with 80: 64 + 2 x 40 + 2 x 40 = 224 KB; dv 256 keeps 80 for the registers.
-// - hd128 without a local mask takes 176-key tiles (fewer softmax passes per key: 0.93x -> 1.03x
-//   cuDNN at 16k on an H200); local masks keep 128 so fewer keys are wasted on the diagonal.
+// - hd128 takes 176-key tiles (fewer softmax passes per key: 0.93x -> 1.03x cuDNN at 16k on an
+//   H200) unless kNarrow: causal/windowed calls keep 128 so fewer keys are wasted on the diagonal,
+//   and short rows keep 128 so a second Q buffer fits (kQStages).
 // - hd64 (dqk = dv = 64) does 2 x 128 FLOPs per exp2, so the exp2 units bind as much as the tensor
 //   cores: a third consumer warpgroup (192 query rows) gives the ping-pong more softmax to hide.
-template <int kDQK, int kDV, bool kLocal>
+template <int kDQK, int kDV, bool kNarrow>
 struct TileConfig {
   static constexpr bool kSmallDims = kDQK <= 128 && kDV <= 128;
   static constexpr int kBlockM = (kDQK <= 64 && kDV <= 64) ? 192 : 128;
-  static constexpr int kBlockN = (kDQK == 128 && kDV == 128 && !kLocal) ? 176 : (kSmallDims ? 128 : (kDV <= 192 ? 112 : 80));
+  static constexpr int kBlockN = (kDQK == 128 && kDV == 128 && !kNarrow) ? 176 : (kSmallDims ? 128 : (kDV <= 192 ? 112 : 80));
   static constexpr int kStages = 2;
 };
 
-// Whether causal/windowed calls need their own instantiation.
+// Whether narrow-tile calls need their own instantiation.
 template <int kDQK, int kDV>
-constexpr bool kLocalHasOwnTiles = TileConfig<kDQK, kDV, true>::kBlockN != TileConfig<kDQK, kDV, false>::kBlockN ||
-                                   TileConfig<kDQK, kDV, true>::kBlockM != TileConfig<kDQK, kDV, false>::kBlockM;
+constexpr bool kNarrowHasOwnTiles = TileConfig<kDQK, kDV, true>::kBlockN != TileConfig<kDQK, kDV, false>::kBlockN ||
+                                    TileConfig<kDQK, kDV, true>::kBlockM != TileConfig<kDQK, kDV, false>::kBlockM;
 
-template <class Element_, int kDQK_, int kDV_, bool kLocal_>
+template <class Element_, int kDQK_, int kDV_, bool kNarrow_>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kDQK = kDQK_;
   static constexpr int kDV = kDV_;
-  using Config = TileConfig<kDQK, kDV, kLocal_>;
+  using Config = TileConfig<kDQK, kDV, kNarrow_>;
   static constexpr int kBlockM = Config::kBlockM;
   static constexpr int kBlockN = Config::kBlockN;
   static constexpr int kStages = Config::kStages;

@@ -62,8 +62,8 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   // A persistent grid (one CTA per SM) lets the producer load the next tile while the consumers
   // finish this one (seqlen 512, hd128: 0.70x -> 0.82x cuDNN against one CTA per tile). Causal
   // tiles range from 1 to seqlen/kBlockN key blocks, and a static round-robin over them left some
-  // SMs with twice the work (16k causal: 634 -> 420 TFLOP/s), so CTAs draw tiles from a counter
-  // (p.tile_counter, zeroed by the caller on this stream).
+  // SMs with twice the work (16k causal: 634 -> 420 TFLOP/s), so CTAs draw such tiles from a counter
+  // (p.tile_counter, zeroed by the caller on this stream; null when the tiles cost the same).
   dim3 const grid(std::min(num_tiles, num_sms));
   constexpr size_t kSmemBytes = sizeof(typename Traits::SharedStorage);
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA on SM90 is 227 KB");
@@ -72,11 +72,18 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   kernel<<<grid, Traits::kNumThreads, kSmemBytes, stream>>>(kp);
 }
 
+// Narrow key tiles (kernel_traits.cuh) for causal/windowed calls and for rows of at most
+// kShortRowKeys keys: at hd128, seqlen 512, the 128-key tiles with two Q buffers ran 459 TFLOP/s
+// against 449 for the 176-key ones with one (H100, RESULTS_cuda.md, session 10). Varlen calls
+// keep the wide tiles: the launch does not know their longest row.
+constexpr int kShortRowKeys = 1024;
+
 template <class Element, int kDQK, int kDV>
 void run_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   bool const local = p.window_left >= 0 || p.window_right >= 0;
-  if constexpr (sm90::kLocalHasOwnTiles<kDQK, kDV>) {
-    if (local) return launch_fwd_sm90<sm90::FwdTraits<Element, kDQK, kDV, true>>(p, stream);
+  bool const short_rows = p.cu_seqlens_k == nullptr && p.seqlen_k <= kShortRowKeys;
+  if constexpr (sm90::kNarrowHasOwnTiles<kDQK, kDV>) {
+    if (local || short_rows) return launch_fwd_sm90<sm90::FwdTraits<Element, kDQK, kDV, true>>(p, stream);
   }
   launch_fwd_sm90<sm90::FwdTraits<Element, kDQK, kDV, false>>(p, stream);
 }

@@ -40,7 +40,9 @@ struct FwdParams {
   float softcap;  // 0 = off
   int window_left, window_right;  // -1 = unbounded; causal is window_right = 0
 
-  int* tile_counter;  // one int of device workspace: the persistent CTAs draw their tiles from it
+  // One int of zeroed device workspace the persistent CTAs draw their tiles from, or null when every
+  // tile costs the same (no mask, no varlen): then each CTA takes every gridDim.x-th tile.
+  int* tile_counter;
 };
 
 using FwdLauncher = void (*)(const FwdParams&, cudaStream_t);
