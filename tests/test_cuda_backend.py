@@ -719,6 +719,8 @@ def _many_tiles_cases():
         pytest.param(case(2, 2048, 2048, 16, 4, 4, 128, 128, BF16, causal=True), id="hd128-causal-512-tiles-two-q"),
         pytest.param(case(2, 2048, 2048, 16, 16, 16, 128, 128, F16), id="hd128-512-tiles-one-q-buffer"),
         pytest.param(case(2, 1536, 1536, 16, 8, 8, 128, 256, BF16, window=(300, 40)), id="128x256-384-tiles-window"),
+        # rows of <= 1024 keys take hd128's narrow tiles without a mask too (launch.cuh)
+        pytest.param(case(2, 1000, 1000, 32, 32, 32, 128, 128, F16), id="hd128-short-rows-512-tiles"),
     ]
 
 
@@ -844,8 +846,9 @@ def test_gpu_row_maxima_growing_across_key_blocks(dims, growth):
         base, base_lse = attention_ref(q, k, v, causal=causal, compute_dtype=BF16)
         assert_close_to_oracle("out", out, ref, base, atol=1e-3)
         assert_close_to_oracle("lse", lse, ref_lse, base_lse.float(), atol=1e-3)
-        # scores near 70 cost the bf16 baseline its precision: hold ours to bf16's rounding of out too
-        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=0)
+        # Scores near 70 cost the bf16 baseline its precision: hold ours to bf16's roundings too. A peaked
+        # row's out is one v (|v| up to ~5): P's rounding (2^-9 relative) plus out's (2^-5 ulp above 4).
+        torch.testing.assert_close(out.float(), ref.float(), atol=1e-2, rtol=1e-2)
 
 
 @gpu

@@ -1,7 +1,6 @@
 // The SM90 attention forward kernel: TMA loads by a producer warpgroup, wgmma by two or three
 // consumer warpgroups (64 query rows each), online softmax in registers, P fed to the second GEMM
-// from registers. A CTA walks (query block, head, batch) tiles: persistently without a local mask,
-// one tile per CTA with one (launch.cuh).
+// from registers. A persistent CTA walks (query block, head, batch) tiles (tile_scheduler.cuh).
 #pragma once
 
 #include <cute/tensor.hpp>
