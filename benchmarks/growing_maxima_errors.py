@@ -18,7 +18,7 @@ os.environ["FLEXATTN_BACKEND"] = "cuda"
 import flexattn_ops  # noqa: E402,F401  (registers torch.ops.flexattn)
 from flexattn_ops.params import AttnArgs  # noqa: E402
 from flexattn_ops.testing import attention_ref  # noqa: E402
-from tests.helpers import rand_qkv  # noqa: E402
+from tests.helpers import keys_growing_towards_start, rand_qkv  # noqa: E402
 
 BF16 = torch.bfloat16
 
@@ -26,8 +26,7 @@ BF16 = torch.bfloat16
 def errors(d: int, growth: float, causal: bool) -> tuple[float, ...]:
     """(out error, baseline's, ref at the worst element, lse error, baseline's, error over the bound)."""
     q, k, v = rand_qkv(2, 203, 1023, 4, 2, 2, d, d, BF16, device="cuda")
-    keys_from_end = torch.arange(1022, -1, -1, device="cuda", dtype=torch.float32)
-    k = (k.float() * (1 + growth * keys_from_end / 128)[None, :, None, None]).to(BF16)
+    k = keys_growing_towards_start(k, growth)
     a = AttnArgs(softmax_scale=d**-0.5, window_right=0 if causal else -1)
     out, lse = torch.ops.flexattn.fwd(q, k, v, *a)
     ref, ref_lse = attention_ref(q, k, v, causal=causal)

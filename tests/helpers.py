@@ -38,3 +38,12 @@ def layouts(x: Tensor, layout: str) -> Tensor:
         wide[..., : x.shape[-1]] = x
         return wide[..., : x.shape[-1]]
     raise ValueError(layout)
+
+
+def keys_growing_towards_start(k: Tensor, growth: float) -> Tensor:
+    """k (b, sk, h, d) with key j scaled by 1 + growth * (sk - 1 - j) / 128: scores' row maxima grow by
+    ~2.7 x growth (natural units) every 128 keys towards key 0, which a kernel walking key blocks last
+    first meets as maxima that keep growing."""
+    sk = k.shape[1]
+    keys_from_end = torch.arange(sk - 1, -1, -1, device=k.device, dtype=torch.float32)
+    return (k.float() * (1 + growth * keys_from_end / 128)[None, :, None, None]).to(k.dtype)

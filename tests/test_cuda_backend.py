@@ -33,7 +33,7 @@ from flexattn_ops import (
 )
 from flexattn_ops.cuda_build import FWD_SM90_KERNELS, BuildError, Kernel
 from flexattn_ops.params import AttnArgs
-from tests.helpers import rand_qkv
+from tests.helpers import keys_growing_towards_start, rand_qkv
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BF16, F16 = torch.bfloat16, torch.float16
@@ -838,8 +838,7 @@ def test_gpu_row_maxima_growing_across_key_blocks(dims, growth):
     dqk, dv = dims
     sq, sk = 203, 1023
     q, k, v = rand_qkv(2, sq, sk, 4, 2, 2, dqk, dv, BF16, device="cuda")
-    keys_from_end = torch.arange(sk - 1, -1, -1, device="cuda", dtype=torch.float32)
-    k = (k.float() * (1 + growth * keys_from_end / 128)[None, :, None, None]).to(BF16)
+    k = keys_growing_towards_start(k, growth)
     for causal in (False, True):
         out, lse = torch.ops.flexattn.fwd(q, k, v, *AttnArgs(softmax_scale=dqk**-0.5, window_right=0 if causal else -1))
         ref, ref_lse = attention_ref(q, k, v, causal=causal)
