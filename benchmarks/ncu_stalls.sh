@@ -7,7 +7,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp}
 s=$1 d=$2 c=$3
 rep=/tmp/stalls_${s}_${d}_${c}
-ncu --clock-control none -k regex:fwd_kernel --launch-skip 1 --launch-count 1 \
+ncu --clock-control none --nvtx --nvtx-include profiled/ -k regex:fwd_kernel \
   --section WarpStateStats --section SourceCounters --section SpeedOfLight --import-source yes -f -o "$rep" \
   python3 benchmarks/profile_cuda_fwd.py "$s" "$d" "$c" > /dev/null 2>&1 || { echo "ncu failed"; exit 1; }
 ncu -i "$rep.ncu-rep" --page details --print-details all > "$rep.details.txt" 2>&1
