@@ -26,10 +26,57 @@ struct KernelParams {
   typename Traits::TmaQ tma_q;
   typename Traits::TmaK tma_k;
   typename Traits::TmaV tma_v;
+  typename Traits::TmaO tma_o;
 };
 
-// Stores this thread's rows of O (normalised, in registers) and their LSE, skipping rows past the
-// sequence and columns past dv.
+// Stores the LSE of this thread's rows (one thread of each quad; rows past the sequence skipped).
+template <class Traits>
+__device__ void store_lse(FwdParams const& p, float const (&lse)[2], SeqInfo const& seq, TileCoord const& tile,
+                          int mma_tidx) {
+  if (threadIdx.x % 4 != 0) return;
+  typename Traits::TiledMmaPV tiled_mma_pv;
+  Tensor coords = tiled_mma_pv.get_thread_slice(mma_tidx).partition_C(
+      make_identity_tensor(select<0, 1>(typename Traits::TileShapePV{})));
+  Tensor coords_rc = make_tensor(coords.data(), rowcol(coords.layout()));
+  CUTLASS_PRAGMA_UNROLL
+  for (int r = 0; r < size<0>(coords_rc); ++r) {
+    int const row = tile.m_block * Traits::kBlockM + get<0>(coords_rc(r, 0));
+    if (row < seq.seqlen_q) {
+      p.lse[seq.batch_coord * p.lse_batch_stride + tile.head * p.lse_head_stride + seq.row0_q + row] = lse[r];
+    }
+  }
+}
+
+// Stores this consumer warpgroup's 64 rows of O (normalised, in registers) through its shared-memory
+// buffer sO with one TMA store, which runs on after the call returns (and clips rows past the
+// sequence and columns past dv). The buffer is rewritten only once the previous store has read it.
+template <class Traits, class AccO, class SmemO>
+__device__ void store_output_tma(KernelParams<Traits> const& kp, AccO const& acc_o, SmemO sO, SeqInfo const& seq,
+                                 TileCoord const& tile, int consumer, int barrier) {
+  using Element = typename Traits::Element;
+  FwdParams const& p = kp.p;
+  int const wg_tidx = threadIdx.x % 128;
+  Tensor out = convert_fragment<Element>(acc_o);
+  if (wg_tidx == 0) tma_store_wait<0>();
+  cutlass::arch::NamedBarrier::sync(128, barrier);
+  auto smem_copy = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, typename Traits::TiledMmaPVOneWarpGroup{});
+  auto thr_copy = smem_copy.get_thread_slice(wg_tidx);
+  copy(smem_copy, thr_copy.retile_S(out), thr_copy.partition_D(sO));
+  cutlass::arch::fence_view_async_shared();  // the TMA unit reads what the threads wrote
+  cutlass::arch::NamedBarrier::sync(128, barrier);
+  if (wg_tidx == 0) {
+    Tensor mO = kp.tma_o.get_tma_tensor(make_shape(p.rows_q, p.dv, p.heads_q, p.batch));
+    Tensor gO = local_tile(mO(_, _, tile.head, seq.batch_coord), Shape<_64, Int<Traits::kDV>>{},
+                           make_coord(tile.m_block * Traits::kNumMmaWarpGroups + consumer, _0{}));
+    auto [tOgO, tOsO] = tma_partition(kp.tma_o, _0{}, Layout<_1>{}, group_modes<0, 2>(sO), group_modes<0, 2>(gO));
+    copy(kp.tma_o, tOsO, tOgO);
+    tma_store_arrive();
+  }
+}
+
+// Stores this thread's rows of O (normalised, in registers), skipping rows past the sequence and
+// columns past dv: the epilogue of varlen calls and of tile shapes with no room for an O buffer
+// (store_output_tma otherwise).
 //
 // In the wgmma accumulator a quad of threads (one row) holds each 8-column block as 4 column pairs,
 // so storing pairs leaves every 32-byte sector to two half-filled stores: at seqlen 512, hd128, ncu
@@ -37,8 +84,7 @@ struct KernelParams {
 // trades values by shuffles so that each thread holds 4 consecutive columns: one 8-byte store each,
 // and a quad writes 32 contiguous bytes. (out's strides are multiples of 8 elements: the binding.)
 template <class Traits, class AccO>
-__device__ void store_output(FwdParams const& p, AccO& acc_o, float const (&lse)[2], SeqInfo const& seq,
-                             TileCoord const& tile, int mma_tidx) {
+__device__ void store_output(FwdParams const& p, AccO& acc_o, SeqInfo const& seq, TileCoord const& tile, int mma_tidx) {
   using Element = typename Traits::Element;
   static_assert(Traits::kDV % 16 == 0, "the quad exchange works on 16-column groups");
   typename Traits::TiledMmaPV tiled_mma_pv;
@@ -74,9 +120,6 @@ __device__ void store_output(FwdParams const& p, AccO& acc_o, float const (&lse)
       uint2 const mine = quad_lane < 2 ? make_uint2(a_first, b_first) : make_uint2(a_second, b_second);
       int const col = get<1>(coords_rc(r, c)) + 2 * quad_lane;  // 16g + 4q
       if (row_ok && col < p.dv) *reinterpret_cast<uint2*>(out_row + col) = mine;
-    }
-    if (row_ok && quad_lane == 0) {  // one thread of the quad writes the row's LSE
-      p.lse[seq.batch_coord * p.lse_batch_stride + tile.head * p.lse_head_stride + seq.row0_q + row] = lse[r];
     }
   }
 }
@@ -203,6 +246,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
     Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
     Tensor coords_s = thr_qk.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileShapeQK{})));
     Tensor coords_s_rc = make_tensor(coords_s.data(), rowcol(coords_s.layout()));
+    Tensor sO = make_tensor(make_smem_ptr(smem.o.data()), typename Traits::SmemLayoutO{})(_, _, warp_group - 1);
     bool const has_softcap = p.softcap > 0.f;  // s = c * tanh(s * scale / c): natural units after
     float const pre_tanh = has_softcap ? p.softmax_scale / p.softcap : 0.f;
     float const scale_log2 = float(M_LOG2E) * (has_softcap ? 1.f : p.softmax_scale);
@@ -305,8 +349,14 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
       }
       float lse[2];
       softmax.finalize(acc_o_rc, lse);
-      store_output<Traits>(p, acc_o, lse, seq, tile, mma_tidx);
+      if (Traits::kSmemEpilogue && p.cu_seqlens_q == nullptr) {
+        store_output_tma(kp, acc_o, sO, seq, tile, consumer, kConsumers + consumer);
+      } else {
+        store_output<Traits>(p, acc_o, seq, tile, mma_tidx);
+      }
+      store_lse<Traits>(p, lse, seq, tile, mma_tidx);
     }
+    if (Traits::kSmemEpilogue && wg_tidx == 0) tma_store_wait<0>();  // the buffer outlives the last store's reads
   }
 }
 

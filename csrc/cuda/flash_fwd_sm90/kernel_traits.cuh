@@ -76,7 +76,15 @@ struct FwdTraits {
   static constexpr int kSmemBytesKV = kStages * kBlockN * (kDQK + kDV) * int(sizeof(Element));
   static constexpr int kSmemBytesQ = kBlockM * kDQK * int(sizeof(Element));
   static constexpr int kQStages = 2 * kSmemBytesQ + kSmemBytesKV + 2048 <= 227 * 1024 ? 2 : 1;
+  // O leaves through shared memory and a TMA store (one per consumer warpgroup, its 64 rows) where a
+  // buffer fits beside Q and K/V. Storing it from the wgmma accumulator took ~2000 cycles a tile at
+  // seqlen 512, hd128 (quad shuffles and 8-byte stores; benchmarks/tile_timeline.py), against a
+  // 4-block key loop of ~10000: the TMA store leaves the consumers at once. Varlen calls keep the
+  // register store (a TMA store would write past its sequence's rows into the next one's).
+  static constexpr int kSmemBytesO = kBlockM * kDV * int(sizeof(Element));
+  static constexpr bool kSmemEpilogue = kQStages * kSmemBytesQ + kSmemBytesKV + kSmemBytesO + 2048 <= 227 * 1024;
   using SmemLayoutQ = decltype(tile_to_shape(SmemAtom<kBlockM, kDQK>{}, Shape<Int<kBlockM>, Int<kDQK>, Int<kQStages>>{}));
+  using SmemLayoutO = decltype(tile_to_shape(SmemAtom<64, kDV>{}, Shape<_64, Int<kDV>, Int<kNumMmaWarpGroups>>{}));
   using SmemLayoutK = decltype(tile_to_shape(SmemAtom<kBlockN, kDQK>{}, Shape<Int<kBlockN>, Int<kDQK>, Int<kStages>>{}));
   using SmemLayoutV = decltype(tile_to_shape(SmemAtom<kBlockN, kDV>{}, Shape<Int<kBlockN>, Int<kDV>, Int<kStages>>{}));
   // V^T as the MN-major B operand of P @ V: the same bytes, (dv, n, stage) coordinates.
@@ -90,6 +98,7 @@ struct FwdTraits {
     array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
     array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     array_aligned<Element, cosize_v<SmemLayoutV>, 1024> v;
+    array_aligned<Element, kSmemEpilogue ? cosize_v<SmemLayoutO> : 8, kSmemEpilogue ? 1024 : 16> o;
     cutlass::arch::ClusterTransactionBarrier barrier_q_full[kQStages];  // Q landed (TMA transaction count)
     cutlass::arch::ClusterBarrier barrier_q_empty[kQStages];            // every consumer thread is done with Q
     // The producer draws tile indices and hands them to the consumers through a 2-slot ring.
@@ -110,6 +119,11 @@ struct FwdTraits {
                                       Shape<Int<kBlockN>, Int<kDQK>>{}, _1{}));
   using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutV{}),
                                       Shape<Int<kBlockN>, Int<kDV>>{}, _1{}));
+  using GmemTensorO = decltype(make_tensor(make_gmem_ptr(static_cast<Element*>(nullptr)), GmemShape{}, GmemStride{}));
+  using TmaO = decltype(make_tma_copy(SM90_TMA_STORE{}, GmemTensorO{}, take<0, 2>(SmemLayoutO{}), Shape<_64, Int<kDV>>{}, _1{}));
+  // The 64-row (one consumer warpgroup) slice of the P V accumulator, for the stmatrix partition.
+  using TiledMmaPVOneWarpGroup = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kDV>, Int<kBlockN>>, GMMA::Major::K, GMMA::Major::MN>()));
   static constexpr uint32_t kTmaBytesQ = size(take<0, 2>(SmemLayoutQ{})) * sizeof(Element);
   static constexpr uint32_t kTmaBytesK = size(take<0, 2>(SmemLayoutK{})) * sizeof(Element);
   static constexpr uint32_t kTmaBytesV = size(take<0, 2>(SmemLayoutV{})) * sizeof(Element);

@@ -50,6 +50,11 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
                     Shape<Int<Traits::kBlockN>, Int<kDQK>>{}, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, mV, take<0, 2>(typename Traits::SmemLayoutV{}),
                     Shape<Int<Traits::kBlockN>, Int<kDV>>{}, _1{}),
+      make_tma_copy(SM90_TMA_STORE{},
+                    make_tensor(make_gmem_ptr(static_cast<typename Traits::Element*>(p.out)),
+                                make_shape(p.rows_q, p.dv, p.heads_q, batch_extent),
+                                make_stride(p.o_row_stride, _1{}, p.o_head_stride, varlen ? 0 : p.o_batch_stride)),
+                    take<0, 2>(typename Traits::SmemLayoutO{}), Shape<_64, Int<kDV>>{}, _1{}),
   };
   int device = 0, num_sms = 0;
   cudaGetDevice(&device);
