@@ -26,8 +26,8 @@ CONSUMER_PHASES = [
     ("last P V", 5, 6),
     ("epilogue", 6, 7),
 ]
-# Producer stamps: 0 tile index written, 1 first K issued, 2 Q issued, 3 every K/V load issued.
-PRODUCER_PHASES = [("wait for a K stage", 0, 1), ("wait for the Q buffer", 1, 2), ("K/V loads", 2, 3)]
+# Producer stamps: 0 tile index written, 2 Q issued, 3 every K/V load issued.
+PRODUCER_PHASES = [("tile index written to Q issued", 0, 2), ("Q issued to every K/V load issued", 2, 3)]
 
 
 def median(xs: list[int]) -> float:
