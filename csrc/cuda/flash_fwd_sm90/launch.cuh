@@ -19,11 +19,12 @@ namespace flexattn {
 
 namespace sm90_detail {
 
-template <class Traits>
-auto gmem_tensor(void const* ptr, int rows, int dim, int heads, int batch, int64_t row_stride, int64_t head_stride,
+// (rows, dim, heads, batch), dim contiguous: the global tensors as the TMA descriptors see them.
+template <class Element>
+auto gmem_tensor(Element* ptr, int rows, int dim, int heads, int batch, int64_t row_stride, int64_t head_stride,
                  int64_t batch_stride) {
   using namespace cute;
-  return make_tensor(make_gmem_ptr(static_cast<typename Traits::Element const*>(ptr)), make_shape(rows, dim, heads, batch),
+  return make_tensor(make_gmem_ptr(ptr), make_shape(rows, dim, heads, batch),
                      make_stride(row_stride, _1{}, head_stride, batch_stride));
 }
 
@@ -33,16 +34,17 @@ template <class Traits>
 void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   using namespace cute;
   using sm90_detail::gmem_tensor;
+  using Element = typename Traits::Element;
   constexpr int kDQK = Traits::kDQK, kDV = Traits::kDV;
   bool const varlen = p.cu_seqlens_q != nullptr;
   int const batch_extent = varlen ? 1 : p.batch;
-  auto const mQ = gmem_tensor<Traits>(p.q, p.rows_q, p.dqk, p.heads_q, batch_extent, p.q_row_stride, p.q_head_stride,
-                                      varlen ? 0 : p.q_batch_stride);
-  auto const mK = gmem_tensor<Traits>(p.k, p.rows_k, p.dqk, p.heads_k, batch_extent, p.k_row_stride, p.k_head_stride,
-                                      varlen ? 0 : p.k_batch_stride);
-  auto const mV = gmem_tensor<Traits>(p.v, p.rows_k, p.dv, p.heads_v, batch_extent, p.v_row_stride, p.v_head_stride,
-                                      varlen ? 0 : p.v_batch_stride);
-  sm90::KernelParams<Traits> const kp{
+  auto const mQ = gmem_tensor(static_cast<Element const*>(p.q), p.rows_q, p.dqk, p.heads_q, batch_extent,
+                               p.q_row_stride, p.q_head_stride, varlen ? 0 : p.q_batch_stride);
+  auto const mK = gmem_tensor(static_cast<Element const*>(p.k), p.rows_k, p.dqk, p.heads_k, batch_extent,
+                               p.k_row_stride, p.k_head_stride, varlen ? 0 : p.k_batch_stride);
+  auto const mV = gmem_tensor(static_cast<Element const*>(p.v), p.rows_k, p.dv, p.heads_v, batch_extent,
+                               p.v_row_stride, p.v_head_stride, varlen ? 0 : p.v_batch_stride);
+  sm90::KernelParams<Traits> kp{
       p,
       make_tma_copy(SM90_TMA_LOAD{}, mQ, take<0, 2>(typename Traits::SmemLayoutQ{}), Shape<Int<Traits::kBlockM>, Int<kDQK>>{},
                     _1{}),
@@ -50,12 +52,14 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
                     Shape<Int<Traits::kBlockN>, Int<kDQK>>{}, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, mV, take<0, 2>(typename Traits::SmemLayoutV{}),
                     Shape<Int<Traits::kBlockN>, Int<kDV>>{}, _1{}),
-      make_tma_copy(SM90_TMA_STORE{},
-                    make_tensor(make_gmem_ptr(static_cast<typename Traits::Element*>(p.out)),
-                                make_shape(p.rows_q, p.dv, p.heads_q, batch_extent),
-                                make_stride(p.o_row_stride, _1{}, p.o_head_stride, varlen ? 0 : p.o_batch_stride)),
-                    take<0, 2>(typename Traits::SmemLayoutO{}), Shape<_64, Int<kDV>>{}, _1{}),
+      {},
   };
+  // Only the calls that store O through shared memory (kernel.cuh) encode the store's descriptor.
+  if (Traits::kSmemEpilogue && !varlen) {
+    auto const mO = gmem_tensor(static_cast<Element*>(p.out), p.rows_q, p.dv, p.heads_q, p.batch, p.o_row_stride,
+                                p.o_head_stride, p.o_batch_stride);
+    kp.tma_o = make_tma_copy(SM90_TMA_STORE{}, mO, take<0, 2>(typename Traits::SmemLayoutO{}), Shape<_64, Int<kDV>>{}, _1{});
+  }
   int device = 0, num_sms = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
