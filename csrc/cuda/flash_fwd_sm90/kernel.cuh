@@ -1,6 +1,7 @@
 // The SM90 attention forward kernel: TMA loads by a producer warpgroup, wgmma by two or three
 // consumer warpgroups (64 query rows each), online softmax in registers, P fed to the second GEMM
-// from registers. A persistent CTA walks (query block, head, batch) tiles (tile_scheduler.cuh).
+// from registers (and Q to the first where kRegisterQ). A persistent CTA walks (query block, head,
+// batch) tiles (tile_scheduler.cuh).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -181,6 +182,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
     Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(p.rows_q, p.dqk, p.heads_q, batch_extent));
     Tensor mK = kp.tma_k.get_tma_tensor(make_shape(p.rows_k, p.dqk, p.heads_k, batch_extent));
     Tensor mV = kp.tma_v.get_tma_tensor(make_shape(p.rows_k, p.dv, p.heads_v, batch_extent));
+    // The descriptors live in kernel parameters; fetching them now takes that latency off the first loads.
+    cute::prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
     PipelineState write = cutlass::make_producer_start_state<Pipeline>();
     SlotCounter<Traits::kQStages> q_slot;
     RingPos ring;
@@ -241,7 +246,19 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
     typename Traits::TiledMmaPV tiled_mma_pv;
     auto thr_qk = tiled_mma_qk.get_thread_slice(mma_tidx);
     auto thr_pv = tiled_mma_pv.get_thread_slice(mma_tidx);
-    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K, Q buffer)
+    // Q as the A operand of S = Q K^T, indexed by Q buffer: shared-memory descriptors, or (kRegisterQ)
+    // registers loaded with ldmatrix once a tile, the same registers for every buffer (stride 0).
+    Tensor tSrQ_regs = thr_qk.partition_fragment_A(sQ(_, _, 0));  // (MMA, MMA_M, MMA_K)
+    Tensor tSrQ = [&] {
+      if constexpr (Traits::kRegisterQ) {
+        return make_tensor(tSrQ_regs.data(), append(tSrQ_regs.layout(), Layout<Int<Traits::kQStages>, _0>{}));
+      } else {
+        return thr_qk.partition_fragment_A(sQ);  // (MMA, MMA_M, MMA_K, Q buffer)
+      }
+    }();
+    auto q_copy = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Element>{}, tiled_mma_qk);
+    auto thr_q_copy = q_copy.get_thread_slice(mma_tidx);
+    Tensor tSsQ = thr_q_copy.partition_S(sQ);  // (CPY, CPY_M, CPY_K, Q buffer)
     Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stage)
     Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stage)
     Tensor coords_s = thr_qk.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileShapeQK{})));
@@ -309,11 +326,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
           cutlass::arch::fence_view_async_shared();
           cutlass::arch::NamedBarrier::sync(128, kConsumers + consumer);  // the warpgroup's writes are done
         }
+        if constexpr (Traits::kRegisterQ) copy(q_copy, tSsQ(_, _, _, q_buf), thr_q_copy.retile_D(tSrQ_regs));
         auto acc_s = partition_fragment_C(tiled_mma_qk, select<0, 1>(typename Traits::TileShapeQK{}));
         pipeline_k.consumer_wait(read_k);
         wait_turn();
-        wgmma_gemm<true, false, 0>(tiled_mma_qk, tSrQ(_, _, _, q_buf), tSrK(_, _, _, read_k.index()), acc_s);
+        wgmma_gemm<true, Traits::kRegisterQ, 0>(tiled_mma_qk, tSrQ(_, _, _, q_buf), tSrK(_, _, _, read_k.index()), acc_s);
         pass_turn();
+        if constexpr (Traits::kRegisterQ) smem.barrier_q_empty[q_buf].arrive();  // Q lives in registers now
         pipeline_k.consumer_release(read_k);
         ++read_k;
         scores_to_probs(acc_s, n_max - 1);
@@ -326,7 +345,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
         for (int n_block = n_max - 2; n_block >= n_min; --n_block) {
           pipeline_k.consumer_wait(read_k);
           wait_turn();
-          wgmma_gemm<true, false, -1>(tiled_mma_qk, tSrQ(_, _, _, q_buf), tSrK(_, _, _, read_k.index()), acc_s);
+          wgmma_gemm<true, Traits::kRegisterQ, -1>(tiled_mma_qk, tSrQ(_, _, _, q_buf), tSrK(_, _, _, read_k.index()), acc_s);
           softmax.rescale_o(acc_o_rc);
           pipeline_v.consumer_wait(read_v);
           wgmma_gemm<false, true, -1>(tiled_mma_pv, probs_a, tOrV(_, _, _, read_v.index()), acc_o);
@@ -340,7 +359,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
           ++read_v;
           probs = convert_fragment<Element>(acc_s);
         }
-        smem.barrier_q_empty[q_buf].arrive();  // the last S = Q K^T of this tile has completed
+        if constexpr (!Traits::kRegisterQ) smem.barrier_q_empty[q_buf].arrive();  // the last S = Q K^T has completed
         softmax.rescale_o(acc_o_rc);
         pipeline_v.consumer_wait(read_v);
         wgmma_gemm<false, true, 0>(tiled_mma_pv, probs_a, tOrV(_, _, _, read_v.index()), acc_o);

@@ -6,6 +6,8 @@
 // kQStages tiles of Q (two where they fit) and kStages tiles of K and V.
 #pragma once
 
+#include <type_traits>
+
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
 #include <cutlass/gemm/collective/builders/sm90_common.inl>
@@ -63,7 +65,16 @@ struct FwdTraits {
   using TileShapeQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kDQK>>;
   using TileShapePV = Shape<Int<kBlockM>, Int<kDV>, Int<kBlockN>>;
   using AtomLayout = Layout<Shape<Int<kNumMmaWarpGroups>, _1, _1>>;
-  using TiledMmaQK = decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, TileShapeQK>(), AtomLayout{}));
+  // Q is the register A operand of S = Q K^T (loaded with ldmatrix once a tile) where registers allow:
+  // two consumer warpgroups, key tiles of at most 128 and dqk <= 128 (32 more registers a thread; with
+  // hd128's 176-key tiles or the three-warpgroup 160-register budget ptxas serialised the wgmmas).
+  // The S GEMM then reads only K from shared memory, and the Q buffer is free after the tile's first
+  // GEMM. H100, 3 rounds each: (96, 96) and (64, 128) at 16k +2 - 4 %, hd128 at 512 unchanged.
+  static constexpr bool kRegisterQ = kNumMmaWarpGroups == 2 && kBlockN <= 128 && kDQK <= 128;
+  using TiledMmaQK = decltype(make_tiled_mma(
+      std::conditional_t<kRegisterQ, decltype(GMMA::rs_op_selector<Element, Element, float, TileShapeQK>()),
+                         decltype(GMMA::ss_op_selector<Element, Element, float, TileShapeQK>())>{},
+      AtomLayout{}));
   using TiledMmaPV = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Element, Element, float, TileShapePV, GMMA::Major::K, GMMA::Major::MN>(), AtomLayout{}));
 
