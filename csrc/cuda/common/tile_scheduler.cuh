@@ -8,17 +8,23 @@
 // no memset before the launch.
 #pragma once
 
+#include <cutlass/fast_math.h>
+
 namespace flexattn {
 
 struct TileCoord {
   int m_block, head, batch;
 };
 
+// The divisions by the query-block and head counts use precomputed multipliers (cutlass::FastDivmod,
+// built on the host): a division by a runtime value goes through MUFU.RCP, the unit the consumers'
+// exp2 keep busy, on the producer thread that must issue the next tile's first loads.
 struct TileScheduler {
-  int num_m_blocks, heads, batch;
+  cutlass::FastDivmod m_blocks, heads;
+  int batch;
   bool longest_first;
 
-  __device__ int num_tiles() const { return num_m_blocks * heads * batch; }
+  __device__ int num_tiles() const { return m_blocks.divisor * heads.divisor * batch; }
 
   // This CTA's tile number `step` (its first is 0) for step > 0: with a counter, gridDim.x plus how
   // many CTAs asked before; without one (tiles of equal cost), blockIdx.x + step * gridDim.x. (The
@@ -29,9 +35,10 @@ struct TileScheduler {
   }
 
   __device__ TileCoord tile(int index) const {
-    int const m = index % num_m_blocks;
-    int const head_batch = index / num_m_blocks;
-    return {longest_first ? num_m_blocks - 1 - m : m, head_batch % heads, head_batch / heads};
+    int head_batch, m, batch_index, head;
+    m_blocks(head_batch, m, index);
+    heads(batch_index, head, head_batch);
+    return {longest_first ? m_blocks.divisor - 1 - m : m, head, batch_index};
   }
 };
 

@@ -28,6 +28,9 @@ struct KernelParams {
   typename Traits::TmaK tma_k;
   typename Traits::TmaV tma_v;
   typename Traits::TmaO tma_o;
+  // Divisors fixed for the launch (tile_scheduler.cuh says why they are precomputed): query blocks per
+  // head, query heads, and query heads per K head and per V head.
+  cutlass::FastDivmod m_blocks, heads_q, q_per_k, q_per_v;
 };
 
 // Stores the LSE of this thread's rows (one thread of each quad; rows past the sequence skipped).
@@ -134,7 +137,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   FwdParams const& p = kp.p;
-  TileScheduler const scheduler{(p.seqlen_q + kBlockM - 1) / kBlockM, p.heads_q, p.batch,
+  TileScheduler const scheduler{kp.m_blocks, kp.heads_q, p.batch,
                                 /*longest_first=*/p.window_right >= 0};  // the last query blocks see the most keys
 
   extern __shared__ char smem_raw[];
@@ -205,8 +208,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
       auto const [n_min, n_max] =
           Mask<kBlockM, kBlockN>{seq.seqlen_q, seq.seqlen_k, p.window_left, p.window_right}.n_block_range(tile.m_block);
       if (n_min >= n_max) continue;
-      int const head_k = tile.head / (p.heads_q / p.heads_k);
-      int const head_v = tile.head / (p.heads_q / p.heads_v);
+      int const head_k = kp.q_per_k.div(tile.head);
+      int const head_v = kp.q_per_v.div(tile.head);
       Tensor gQ = local_tile(domain_offset(make_coord(seq.row0_q, _0{}), mQ(_, _, tile.head, seq.batch_coord)),
                              Shape<Int<kBlockM>, Int<Traits::kDQK>>{}, make_coord(tile.m_block, _0{}));
       Tensor gK = local_tile(domain_offset(make_coord(seq.row0_k, _0{}), mK(_, _, head_k, seq.batch_coord)),

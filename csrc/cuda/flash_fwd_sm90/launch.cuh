@@ -53,6 +53,11 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
       make_tma_copy(SM90_TMA_LOAD{}, mV, take<0, 2>(typename Traits::SmemLayoutV{}),
                     Shape<Int<Traits::kBlockN>, Int<kDV>>{}, _1{}),
       {},
+      // Never 0, even for an empty grid (no launch): the host-side setup divides by the divisor.
+      cutlass::FastDivmod(std::max(1, (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM)),
+      cutlass::FastDivmod(std::max(1, p.heads_q)),
+      cutlass::FastDivmod(std::max(1, p.heads_q / p.heads_k)),
+      cutlass::FastDivmod(std::max(1, p.heads_q / p.heads_v)),
   };
   // Only the calls that store O through shared memory (kernel.cuh) encode the store's descriptor.
   if (Traits::kSmemEpilogue && !varlen) {
