@@ -8,6 +8,7 @@ for CUDA tensors; `cuda_ext` loads or builds the extension on the first call tha
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -26,16 +27,27 @@ _NO_KERNEL_OPS = {
 }
 
 
+@functools.cache
+def _device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def _capability(device: torch.device) -> Optional[tuple[int, int]]:
-    """The compute capability of a CUDA device (None for other devices: nothing CUDA is touched)."""
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    """The compute capability of a CUDA device (None for other devices: nothing CUDA is touched).
+
+    Cached per device index: the query cost ~5 us of the ~90 us of host time an eager call spent
+    (H100, benchmarks/host_overhead_cuda.py)."""
+    if device.type != "cuda":
+        return None
+    return _device_capability(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def _layout_problem(name: str, t: Tensor) -> Optional[str]:
-    if t.stride(-1) != 1:
+    strides, sizes = t.stride(), t.shape  # read once: each t.stride(d) is a call into C++
+    if strides[-1] != 1:
         return f"the SM90 CUDA kernel (TMA) needs {name} contiguous in its last dim"
-    if any(t.stride(d) % _ALIGN and t.size(d) != 1 for d in range(t.dim() - 1)):  # as csrc's check_operand
-        return f"the SM90 CUDA kernel (TMA) needs {name}'s strides in multiples of {_ALIGN} elements, got {t.stride()}"
+    if any(s % _ALIGN and n != 1 for s, n in zip(strides[:-1], sizes[:-1], strict=True)):  # as csrc's check_operand
+        return f"the SM90 CUDA kernel (TMA) needs {name}'s strides in multiples of {_ALIGN} elements, got {strides}"
     if t.data_ptr() % 16:
         return f"the SM90 CUDA kernel (TMA) needs {name} 16-byte aligned"
     return None
