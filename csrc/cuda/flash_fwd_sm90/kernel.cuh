@@ -220,8 +220,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
       auto [tKgK, tKsK] = tma_partition(kp.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
       auto [tVgV, tVsV] = tma_partition(kp.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
 
-      // K first: with one Q buffer, Q waits for the previous tile's last Q K^T, and the consumers need
-      // this tile's first K tile as soon as Q lands.
+      // K first: with one Q buffer, Q waits for the previous tile's last Q K^T (its first, with Q in
+      // registers), and the consumers need this tile's first K tile as soon as Q lands.
       pipeline_k.producer_acquire(write);
       copy(kp.tma_k.with(*pipeline_k.producer_get_barrier(write), 0), tKgK(_, n_max - 1), tKsK(_, write.index()));
       // the consumers are done with the Q last loaded into this buffer (kQStages tiles ago)
