@@ -7,6 +7,7 @@ Usage (on the device, the extension built): python benchmarks/graph_vs_eager.py 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -14,7 +15,11 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flexattn_ops import flash_attn_func
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from profile_host_overhead import capture_graph  # noqa: E402
+
+from flexattn_ops import flash_attn_func  # noqa: E402
 
 GRAPH_CALLS = 10  # forward calls captured in one graph
 
@@ -33,16 +38,7 @@ def main() -> None:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            ours()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(GRAPH_CALLS):
-            ours()
+    graph = capture_graph(ours, GRAPH_CALLS)
     cudnn()
     torch.cuda.synchronize()
     print(f"seqlen {seqlen}, head dim {head_dim}, batch {batch}, heads {heads}: TFLOP/s per round")

@@ -31,7 +31,8 @@ def wall_us(fn: Callable[[], object], n: int = N) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
-def graph_us(fn: Callable[[], object]) -> float:
+def capture_graph(fn: Callable[[], object], calls: int = 1) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `calls` calls of `fn`, captured after three warm-up calls on a side stream."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -40,7 +41,13 @@ def graph_us(fn: Callable[[], object]) -> float:
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
+        for _ in range(calls):
+            fn()
+    return g
+
+
+def graph_us(fn: Callable[[], object]) -> float:
+    g = capture_graph(fn)
     g.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
