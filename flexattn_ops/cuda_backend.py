@@ -35,8 +35,8 @@ def _device_capability(index: int) -> tuple[int, int]:
 def _capability(device: torch.device) -> Optional[tuple[int, int]]:
     """The compute capability of a CUDA device (None for other devices: nothing CUDA is touched).
 
-    Cached per device index: the query cost ~5 us of the ~90 us of host time an eager call spent
-    (H100, benchmarks/host_overhead_cuda.py)."""
+    Cached per device index: with the uncached query and per-dimension stride calls, `unsupported` took
+    16 us of an eager call's ~90 us of host time, 7.6 us after (H100; RESULTS_cuda.md, session 12)."""
     if device.type != "cuda":
         return None
     return _device_capability(torch.cuda.current_device() if device.index is None else device.index)

@@ -17,8 +17,9 @@ struct TileCoord {
 };
 
 // The divisions by the query-block and head counts use precomputed multipliers (cutlass::FastDivmod,
-// built on the host): a division by a runtime value goes through MUFU.RCP, the unit the consumers'
-// exp2 keep busy, on the producer thread that must issue the next tile's first loads.
+// built on the host). A division by a runtime value is an instruction sequence around a MUFU.RCP (the
+// unit the consumers' exp2 keep busy), run by the producer thread before a tile's first loads: at
+// seqlen 512, hd128 the producer's index-to-first-K time fell 1918 -> 1085 cycles without them.
 struct TileScheduler {
   cutlass::FastDivmod m_blocks, heads;
   int batch;
