@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from flexattn_ops import cuda_ext
+from flexattn_ops.cuda_build import Kernel
 from flexattn_ops.params import AttnArgs
 
 MAX_HEADDIM = 256
@@ -51,6 +52,11 @@ def _layout_problem(name: str, t: Tensor) -> Optional[str]:
     if t.data_ptr() % 16:
         return f"the SM90 CUDA kernel (TMA) needs {name} 16-byte aligned"
     return None
+
+
+@functools.cache  # a scan of every built kernel per call otherwise
+def _covered(kernels: frozenset[Kernel], dtype: str, dqk: int, dv: int) -> bool:
+    return any(kn.dtype == dtype and kn.dqk >= dqk and kn.dv >= dv for kn in kernels)
 
 
 def unsupported(op: str, q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> Optional[str]:
@@ -95,7 +101,7 @@ def unsupported(op: str, q: Tensor, k: Tensor, v: Tensor, a: AttnArgs) -> Option
     if reason is not None:
         return reason
     dtype = _DTYPES[q.dtype]
-    if not any(kn.dtype == dtype and kn.dqk >= dqk and kn.dv >= dv for kn in cuda_ext.kernels()):
+    if not _covered(cuda_ext.kernels(), dtype, dqk, dv):
         built = ", ".join(sorted(kn.name for kn in cuda_ext.kernels())) or "none"
         return (
             f"the SM90 CUDA extension has no {dtype} kernel covering dqk={dqk}, dv={dv} "

@@ -60,6 +60,7 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+@functools.cache  # import_module's own lookup costs ~2 us a call, and select calls this on every op call
 def backend_module(name: str) -> ModuleType:
     """The module of backend `name` (it has a function per op it runs)."""
     return importlib.import_module(f"flexattn_ops.{name}_backend" if name != "reference" else "flexattn_ops.reference")
