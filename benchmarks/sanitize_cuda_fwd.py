@@ -3,7 +3,7 @@
 Run as `PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python
 benchmarks/sanitize_cuda_fwd.py` (each tensor its own allocation, so an out-of-bounds access
 is not hidden inside a cached block). Dense and varlen (with padding rows and an empty
-sequence), causal, window, softcap, GQA with hk != hv, padded head dims, seqlen 1.
+sequence), causal, window, softcap, GQA with hk != hv, padded head dims, seqlen 1, hd128's clusters.
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ def main() -> None:
         dense(3, 1, 129, 4, 4, 4, dqk, dv)
         varlen([5, 0, 130, 1], [7, 33, 0, 200], 9, dqk, dv)
         varlen([64, 17], [64, 250], 0, dqk, dv, window_right=0)
+    # hd128's 2-CTA clusters (K/V multicast; launch.cuh): rows of > 1024 keys, an even number of query
+    # blocks a head and >= 2 tiles per SM; 1100 keys leave rank 1's half of the last key block past the keys
+    dense(2, 1280, 1100, 17, 17, 17, 128, 128)
     torch.cuda.synchronize()
     print("sanitize_cuda_fwd: done")
 

@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import types
@@ -732,6 +733,59 @@ def test_gpu_many_tiles_per_cta(case):
     buffers' slots are reused and their barrier phases flip (the grid above mostly has <= 132 tiles)."""
     from tests.triton_cases import check_case
 
+    check_case(case, "cuda", expect_backend="cuda")
+
+
+def _cluster_cases():
+    """hd128 calls around launch.cuh's 2-CTA-cluster path (K/V multicast): rows of more than 1024 keys, an even
+    number of query blocks per head, no mask, no varlen and at least 2 x SMs tiles (counts for 132 SMs), and
+    whether the cluster kernel should run."""
+    from tests.triton_cases import Case
+
+    def case(*args, **kwargs):
+        return Case(*args, check_grads=False, **kwargs)
+
+    return [
+        pytest.param(case(2, 2048, 2048, 16, 4, 4, 128, 128, BF16), True, id="gqa-16-qblocks-512-tiles"),
+        pytest.param(case(8, 768, 1500, 16, 8, 8, 128, 128, BF16), True, id="sq!=sk-partial-key-block"),
+        # 1100 keys = 6 x 176 + 44: rank 1's half of the last key block (rows 88 - 175) lies past the keys
+        pytest.param(case(2, 1280, 1100, 16, 4, 2, 128, 128, F16), True, id="fp16-half-block-past-the-keys"),
+        # 272 tiles: 136 pairs over 66 clusters, so 4 clusters run a third step and the rest two
+        pytest.param(case(1, 2048, 2048, 17, 17, 17, 128, 128, BF16), True, id="just-over-2x-sms-uneven-steps"),
+        # edges that stay on the plain kernel
+        pytest.param(case(1, 2048, 2048, 8, 8, 8, 128, 128, BF16), False, id="plain-128-tiles-under-2x-sms"),
+        pytest.param(case(16, 1152, 1200, 4, 4, 4, 128, 128, BF16), False, id="plain-odd-9-qblocks"),
+        pytest.param(case(32, 512, 512, 16, 16, 16, 128, 128, BF16), False, id="plain-short-rows"),
+        pytest.param(case(2, 2048, 2048, 16, 16, 16, 128, 128, BF16, causal=True), False, id="plain-causal"),
+    ]
+
+
+def _sm90_cluster_sizes_launched(fn) -> list[int]:
+    """The cluster size (FwdTraits' last argument) of each SM90 forward kernel `fn` launches, read from the
+    CUDA profiler's kernel names (demangled, or mangled where the profiler does not demangle)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    sizes = []
+    for e in prof.events():
+        if "fwd_kernel" in e.name:
+            demangled = re.search(r"FwdTraits<[^>]*, (?:\(int\))?(\d+) ?>", e.name)
+            m = demangled or re.search(r"FwdTraitsI.*?Lb[01]ELi(\d+)E", e.name)
+            assert m, e.name
+            sizes.append(int(m.group(1)))
+    return sizes
+
+
+@gpu
+@pytest.mark.usefixtures("on_cuda")
+@pytest.mark.parametrize(("case", "cluster"), _cluster_cases())
+def test_gpu_cluster_multicast(case, cluster):
+    """The 2-CTA clusters that share each K/V block (each CTA loads half and multicasts it) against the
+    oracle, and the calls at the edges of that path, which launch the plain kernel (its traits end in 1)."""
+    from tests.triton_cases import check_case, make_inputs
+
+    q, k, v = make_inputs(case, "cuda")[:3]
+    assert _sm90_cluster_sizes_launched(lambda: flash_attn_func(q, k, v, causal=case.causal)) == [2 if cluster else 1]
     check_case(case, "cuda", expect_backend="cuda")
 
 

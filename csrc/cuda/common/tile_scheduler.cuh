@@ -5,7 +5,9 @@
 // keys (the last ones) first. CTA i starts with tile i. When tiles differ in cost (causal, windowed,
 // varlen) each later tile goes to whichever CTA asks first (an atomic counter), so they balance over
 // the SMs; when all cost the same, CTA i takes every gridDim.x-th tile, which needs no counter and so
-// no memset before the launch.
+// no memset before the launch. That static walk also serves the SM90 kernel's 2-CTA clusters
+// (kernel.cuh): with an even grid and an even number of query blocks per head, CTAs 2c and 2c + 1
+// take tiles 2P and 2P + 1 at every step, the two halves of one (head, batch)'s query-block pair.
 #pragma once
 
 #include <cutlass/fast_math.h>

@@ -2,6 +2,15 @@
 // consumer warpgroups (64 query rows each), online softmax in registers, P fed to the second GEMM
 // from registers (and Q to the first where kRegisterQ). A persistent CTA walks (query block, head,
 // batch) tiles (tile_scheduler.cuh).
+//
+// With Traits::kClusterM = 2 the grid is made of 2-CTA clusters whose CTAs compute query blocks 2i
+// and 2i + 1 of one (head, batch) and so read the same key blocks in the same order: each CTA's
+// producer loads half of every K and V block and multicasts it to both CTAs. A CTA's K/V stage then
+// fills from two producers (each CTA's full barrier expects the whole block's bytes; the peer's half
+// may land before the local producer's arrive, which only drives the transaction count below zero
+// for a while) and empties only when the consumers of both CTAs have released it (PipelineTmaAsync
+// with a 2x1x1 cluster shape: every consumer warpgroup arrives on the stage's empty barrier of
+// both CTAs), so neither producer overwrites a stage the peer still reads.
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -136,6 +145,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
   using SharedStorage = typename Traits::SharedStorage;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
+  constexpr bool kCluster = Traits::kClusterM > 1;
   FwdParams const& p = kp.p;
   TileScheduler const scheduler{kp.m_blocks, kp.heads_q, p.batch,
                                 /*longest_first=*/p.window_right >= 0};  // the last query blocks see the most keys
@@ -149,9 +159,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
   pipe_params.is_leader = threadIdx.x == 0;
   pipe_params.num_consumers = Traits::kNumMmaThreads;
   pipe_params.transaction_bytes = Traits::kTmaBytesK;
-  Pipeline pipeline_k(smem.pipeline_k, pipe_params, Shape<_1, _1, _1>{});
+  Pipeline pipeline_k(smem.pipeline_k, pipe_params, typename Traits::ClusterShape{});
   pipe_params.transaction_bytes = Traits::kTmaBytesV;
-  Pipeline pipeline_v(smem.pipeline_v, pipe_params, Shape<_1, _1, _1>{});
+  Pipeline pipeline_v(smem.pipeline_v, pipe_params, typename Traits::ClusterShape{});
   if (threadIdx.x == 0) {
     for (int stage = 0; stage < Traits::kQStages; ++stage) {
       smem.barrier_q_full[stage].init(1);
@@ -163,7 +173,15 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
     }
     cutlass::arch::fence_barrier_init();
   }
-  __syncthreads();
+  if constexpr (kCluster) {
+    // The peer multicasts into this CTA's shared memory and arrives on its K/V barriers: neither
+    // may happen before this CTA initialised them (the fences above make the inits visible
+    // cluster-wide; the cluster barrier also orders this CTA's threads, as __syncthreads would).
+    cute::cluster_arrive_relaxed();
+    cute::cluster_wait();
+  } else {
+    __syncthreads();
+  }
 
   Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
@@ -196,12 +214,21 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
     constexpr auto kKeepInL2 = TMA::CacheHintSm90::EVICT_LAST;
     constexpr auto kReadOnce = TMA::CacheHintSm90::EVICT_FIRST;
     PipelineState write = cutlass::make_producer_start_state<Pipeline>();
+    // K/V loads land in every CTA of the cluster (0: not a multicast).
+    constexpr uint16_t kKVMask = kCluster ? (1 << Traits::kClusterM) - 1 : 0;
     SlotCounter<Traits::kQStages> q_slot;
     RingPos ring;
     // The next tile is drawn after this one's loads are issued: the producer then waits for free
     // K/V stages anyway, and the index is not live through the load loop (the producer thread runs
     // on 24 - 32 registers; kernel_traits.cuh).
-    for (int index = blockIdx.x;; ring.advance(), index = scheduler.next(p.tile_counter, ring.uses)) {
+    //
+    // Clusters take the static schedule (launch.cuh launches them only where p.tile_counter is null;
+    // a null constant here drops the counter path): CTA blockIdx.x walks tiles blockIdx.x + step x
+    // gridDim.x, so with an even grid and an even number of query blocks per head the two CTAs of
+    // cluster c = blockIdx.x / 2 get tiles 2P and 2P + 1, P = c + step x gridDim.x / 2: query blocks
+    // 2i and 2i + 1 of one (head, batch), so the same key blocks, and the same number of steps.
+    for (int index = blockIdx.x;;
+         ring.advance(), index = scheduler.next(kCluster ? nullptr : p.tile_counter, ring.uses)) {
       smem.tile_empty[ring.slot()].wait(ring.phase() ^ 1);  // the consumers have read the slot's last index
       asm volatile("" ::: "memory");
       smem.tile_index[ring.slot()] = index;
@@ -223,13 +250,19 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
       Tensor gV = local_tile(domain_offset(make_coord(seq.row0_k, _0{}), mV(_, _, head_v, seq.batch_coord)),
                              Shape<Int<kBlockN>, Int<Traits::kDV>>{}, make_coord(_, _0{}));
       auto [tQgQ, tQsQ] = tma_partition(kp.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
-      auto [tKgK, tKsK] = tma_partition(kp.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-      auto [tVgV, tVsV] = tma_partition(kp.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+      // In a cluster, this CTA's half of each K/V block (its rank's rows; kernel_traits.cuh).
+      auto const kv_rank = [] {
+        if constexpr (kCluster) return int(cute::block_rank_in_cluster());
+        else return _0{};
+      }();
+      using KVRanks = Layout<Int<Traits::kClusterM>>;
+      auto [tKgK, tKsK] = tma_partition(kp.tma_k, kv_rank, KVRanks{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      auto [tVgV, tVsV] = tma_partition(kp.tma_v, kv_rank, KVRanks{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
 
       // K first: with one Q buffer, Q waits for the previous tile's last Q K^T (its first, with Q in
       // registers), and the consumers need this tile's first K tile as soon as Q lands.
       pipeline_k.producer_acquire(write);
-      copy(kp.tma_k.with(*pipeline_k.producer_get_barrier(write), 0, kKeepInL2), tKgK(_, n_max - 1),
+      copy(kp.tma_k.with(*pipeline_k.producer_get_barrier(write), kKVMask, kKeepInL2), tKgK(_, n_max - 1),
            tKsK(_, write.index()));
       // the consumers are done with the Q last loaded into this buffer (kQStages tiles ago)
       smem.barrier_q_empty[q_slot.slot()].wait(q_slot.phase() ^ 1);
@@ -241,14 +274,22 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
       for (int n_block = n_max - 1; n_block >= n_min; --n_block) {
         if (n_block != n_max - 1) {
           pipeline_k.producer_acquire(write);
-          copy(kp.tma_k.with(*pipeline_k.producer_get_barrier(write), 0, kKeepInL2), tKgK(_, n_block),
+          copy(kp.tma_k.with(*pipeline_k.producer_get_barrier(write), kKVMask, kKeepInL2), tKgK(_, n_block),
                tKsK(_, write.index()));
         }
         pipeline_v.producer_acquire(write);
-        copy(kp.tma_v.with(*pipeline_v.producer_get_barrier(write), 0, kKeepInL2), tVgV(_, n_block),
+        copy(kp.tma_v.with(*pipeline_v.producer_get_barrier(write), kKVMask, kKeepInL2), tVgV(_, n_block),
              tVsV(_, write.index()));
         ++write;
       }
+    }
+    if constexpr (kCluster) {
+      // The peer's consumers arrive on this CTA's empty barriers until they release their last
+      // stages: wait for those arrivals (the last kStages releases of each pipeline, from both
+      // CTAs) so this CTA's shared memory outlives them. The peer's multicasts into this CTA have
+      // all landed by then: this CTA's consumers waited for every one of them before they released.
+      pipeline_k.producer_tail(write);
+      pipeline_v.producer_tail(write);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
@@ -290,6 +331,21 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
     auto pass_turn = [&] { cutlass::arch::NamedBarrier::arrive(2 * 128, (consumer + 1) % kConsumers); };
     if (consumer == kConsumers - 1) pass_turn();
 
+    // Frees a K/V stage. In a cluster each consumer warpgroup arrives once on the stage's empty
+    // barrier in each CTA (the count PipelineTmaAsync gives a 2x1x1 cluster): thread 0 of warp r
+    // signals CTA r once its warp's wgmma reads are done, as the pipeline's own consumer_release
+    // does with one thread of warps 0 and 1. The target and predicate come from the thread index
+    // here because the pipeline object keeps its copies in registers through the key loop, which
+    // spilled 16 bytes in the 176-key consumers.
+    auto release = [&](Pipeline& pipeline, typename Pipeline::SharedStorage& storage, PipelineState const& state) {
+      if constexpr (kCluster) {
+        static_assert(Traits::kClusterM == 2, "one signalling warp per CTA of the cluster");
+        int const t = threadIdx.x % 128;
+        storage.empty_barrier_[state.index()].arrive(t / 32, (t & ~32) == 0);  // t = 0 or 32: CTA 0 or 1
+      } else {
+        pipeline.consumer_release(state);
+      }
+    };
     PipelineState read_k, read_v;
     SlotCounter<Traits::kQStages> q_slot;
     for (RingPos ring;; ring.advance()) {
@@ -345,7 +401,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
         wgmma_gemm<true, Traits::kRegisterQ, 0>(tiled_mma_qk, tSrQ(_, _, _, q_buf), tSrK(_, _, _, read_k.index()), acc_s);
         pass_turn();
         if constexpr (Traits::kRegisterQ) smem.barrier_q_empty[q_buf].arrive();  // Q lives in registers now
-        pipeline_k.consumer_release(read_k);
+        release(pipeline_k, smem.pipeline_k, read_k);
         ++read_k;
         scores_to_probs(acc_s, n_max - 1);
         Tensor probs = convert_fragment<Element>(acc_s);
@@ -363,11 +419,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
           wgmma_gemm<false, true, -1>(tiled_mma_pv, probs_a, tOrV(_, _, _, read_v.index()), acc_o);
           pass_turn();
           warpgroup_wait<1>();  // S is ready; P V still runs
-          pipeline_k.consumer_release(read_k);
+          release(pipeline_k, smem.pipeline_k, read_k);
           ++read_k;
           scores_to_probs(acc_s, n_block);
           warpgroup_wait<0>();
-          pipeline_v.consumer_release(read_v);
+          release(pipeline_v, smem.pipeline_v, read_v);
           ++read_v;
           probs = convert_fragment<Element>(acc_s);
         }
@@ -375,7 +431,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
         softmax.rescale_o(acc_o_rc);
         pipeline_v.consumer_wait(read_v);
         wgmma_gemm<false, true, 0>(tiled_mma_pv, probs_a, tOrV(_, _, _, read_v.index()), acc_o);
-        pipeline_v.consumer_release(read_v);
+        release(pipeline_v, smem.pipeline_v, read_v);
         ++read_v;
       }
       float lse[2];

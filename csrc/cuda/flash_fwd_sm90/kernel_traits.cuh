@@ -4,6 +4,10 @@
 // One CTA = a producer warpgroup (warpgroup 0 issues the TMA loads) and kBlockM / 64 consumer
 // warpgroups owning 64 query rows each (2 for 128-row blocks, 3 for hd64's 192). Shared memory holds
 // kQStages tiles of Q (two where they fit) and kStages tiles of K and V.
+//
+// kClusterM = 2 pairs CTAs in a 2x1x1 cluster that compute query blocks 2i and 2i + 1 of one (head,
+// batch) and so read the same K and V blocks: each loads half of every K and V block and multicasts
+// it to both, halving the K/V traffic from L2 (launch.cuh picks it; kernel.cuh has the protocol).
 #pragma once
 
 #include <type_traits>
@@ -40,11 +44,13 @@ template <int kDQK, int kDV>
 constexpr bool kNarrowHasOwnTiles = TileConfig<kDQK, kDV, true>::kBlockN != TileConfig<kDQK, kDV, false>::kBlockN ||
                                     TileConfig<kDQK, kDV, true>::kBlockM != TileConfig<kDQK, kDV, false>::kBlockM;
 
-template <class Element_, int kDQK_, int kDV_, bool kNarrow_>
+template <class Element_, int kDQK_, int kDV_, bool kNarrow_, int kClusterM_ = 1>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kDQK = kDQK_;
   static constexpr int kDV = kDV_;
+  static constexpr int kClusterM = kClusterM_;
+  static_assert(kClusterM == 1 || kClusterM == 2, "K/V are shared by at most a pair of CTAs");
   using Config = TileConfig<kDQK, kDV, kNarrow_>;
   static constexpr int kBlockM = Config::kBlockM;
   static constexpr int kBlockN = Config::kBlockN;
@@ -104,6 +110,9 @@ struct FwdTraits {
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = cutlass::PipelineState<kStages>;
+  // The K/V pipelines' cluster: a stage is free once the consumers of every CTA that receives it
+  // released it (PipelineTmaAsync counts one arrival per consumer warpgroup per CTA).
+  using ClusterShape = Shape<Int<kClusterM>, _1, _1>;
 
   struct SharedStorage {
     array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
@@ -126,10 +135,15 @@ struct FwdTraits {
   using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), GmemShape{}, GmemStride{}));
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutQ{}),
                                       Shape<Int<kBlockM>, Int<kDQK>>{}, _1{}));
-  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutK{}),
-                                      Shape<Int<kBlockN>, Int<kDQK>>{}, _1{}));
-  using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutV{}),
-                                      Shape<Int<kBlockN>, Int<kDV>>{}, _1{}));
+  // In a cluster each CTA loads 1 / kClusterM of a K or V block and multicasts it to every CTA of
+  // the cluster: CuTe cuts the box (64 columns, one 128-byte swizzle span, by kBlockN rows) in rows,
+  // so at hd128 CTA r issues the two column halves' rows [r, r + 1) x kBlockN / 2 (88 or 64 rows,
+  // whole 1024-byte swizzle atoms, as the TMA destination needs).
+  using TmaLoadKV = std::conditional_t<kClusterM == 1, SM90_TMA_LOAD, SM90_TMA_LOAD_MULTICAST>;
+  using TmaK = decltype(make_tma_copy(TmaLoadKV{}, GmemTensor{}, take<0, 2>(SmemLayoutK{}),
+                                      Shape<Int<kBlockN>, Int<kDQK>>{}, Int<kClusterM>{}));
+  using TmaV = decltype(make_tma_copy(TmaLoadKV{}, GmemTensor{}, take<0, 2>(SmemLayoutV{}),
+                                      Shape<Int<kBlockN>, Int<kDV>>{}, Int<kClusterM>{}));
   using GmemTensorO = decltype(make_tensor(make_gmem_ptr(static_cast<Element*>(nullptr)), GmemShape{}, GmemStride{}));
   using TmaO = decltype(make_tma_copy(SM90_TMA_STORE{}, GmemTensorO{}, take<0, 2>(SmemLayoutO{}), Shape<_64, Int<kDV>>{}, _1{}));
   // The 64-row (one consumer warpgroup) slice of the P V accumulator, for the stmatrix partition.

@@ -31,12 +31,10 @@ auto gmem_tensor(Element* ptr, int rows, int dim, int heads, int batch, int64_t 
 
 constexpr int kMaxDevices = 64;  // devices whose per-instantiation launch setup is remembered
 
-}  // namespace sm90_detail
-
+// The kernel's parameters: the TMA descriptors (K and V multicast ones for clusters) and the divisors.
 template <class Traits>
-void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
+sm90::KernelParams<Traits> kernel_params(const FwdParams& p) {
   using namespace cute;
-  using sm90_detail::gmem_tensor;
   using Element = typename Traits::Element;
   constexpr int kDQK = Traits::kDQK, kDV = Traits::kDV;
   bool const varlen = p.cu_seqlens_q != nullptr;
@@ -51,10 +49,10 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
       p,
       make_tma_copy(SM90_TMA_LOAD{}, mQ, take<0, 2>(typename Traits::SmemLayoutQ{}), Shape<Int<Traits::kBlockM>, Int<kDQK>>{},
                     _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, mK, take<0, 2>(typename Traits::SmemLayoutK{}),
-                    Shape<Int<Traits::kBlockN>, Int<kDQK>>{}, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, mV, take<0, 2>(typename Traits::SmemLayoutV{}),
-                    Shape<Int<Traits::kBlockN>, Int<kDV>>{}, _1{}),
+      make_tma_copy(typename Traits::TmaLoadKV{}, mK, take<0, 2>(typename Traits::SmemLayoutK{}),
+                    Shape<Int<Traits::kBlockN>, Int<kDQK>>{}, Int<Traits::kClusterM>{}),
+      make_tma_copy(typename Traits::TmaLoadKV{}, mV, take<0, 2>(typename Traits::SmemLayoutV{}),
+                    Shape<Int<Traits::kBlockN>, Int<kDV>>{}, Int<Traits::kClusterM>{}),
       {},
       // Never 0, even for an empty grid (no launch): the host-side setup divides by the divisor.
       cutlass::FastDivmod(std::max(1, (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM)),
@@ -68,31 +66,91 @@ void launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
                                 p.o_head_stride, p.o_batch_stride);
     kp.tma_o = make_tma_copy(SM90_TMA_STORE{}, mO, take<0, 2>(typename Traits::SmemLayoutO{}), Shape<_64, Int<kDV>>{}, _1{});
   }
+  return kp;
+}
+
+// The kernel's shared-memory attribute, set on an instantiation's first launch on a device only (it
+// stays set): a launch's host time matters at short rows (seqlen 512, hd128: ~100 us a call against a
+// 137 us kernel).
+template <class Traits>
+void set_smem_attribute_once(int device) {
+  static std::atomic<bool> done[kMaxDevices];
+  if (device < kMaxDevices && done[device].load(std::memory_order_relaxed)) return;
+  cudaFuncSetAttribute(&sm90::fwd_kernel<Traits>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       int(sizeof(typename Traits::SharedStorage)));
+  if (device < kMaxDevices) done[device].store(true, std::memory_order_relaxed);
+}
+
+// How many 2-CTA clusters of this instantiation the device runs at once (a GPC with an odd number
+// of free SMs leaves one out), queried once per device; 0 where the query fails (its error cleared,
+// so that the plain launch the caller falls back to is not reported as failing).
+template <class Traits>
+int max_active_clusters(int device, cudaLaunchConfig_t config) {
+  static std::atomic<int> known[kMaxDevices];  // the count + 1; 0: not asked yet
+  if (device < kMaxDevices && known[device].load(std::memory_order_relaxed) > 0) return known[device] - 1;
+  config.gridDim = dim3(Traits::kClusterM);
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, &sm90::fwd_kernel<Traits>, &config) != cudaSuccess) {
+    cudaGetLastError();
+    clusters = 0;
+  }
+  if (device < kMaxDevices) known[device].store(clusters + 1, std::memory_order_relaxed);
+  return clusters;
+}
+
+}  // namespace sm90_detail
+
+// Launches `fwd_kernel` on a persistent grid. A persistent grid (one CTA per SM) lets the producer
+// load the next tile while the consumers finish this one (seqlen 512, hd128: 0.70x -> 0.82x cuDNN
+// against one CTA per tile). Causal tiles range from 1 to seqlen/kBlockN key blocks, and a static
+// round-robin over them left some SMs with twice the work (16k causal: 634 -> 420 TFLOP/s), so CTAs
+// draw such tiles from a counter (p.tile_counter, zeroed by the caller on this stream; null when the
+// tiles cost the same).
+//
+// Cluster traits (kClusterM = 2; kernel_traits.cuh) launch 2-CTA clusters: min(tiles, SMs) CTAs rounded
+// down to even and capped at two per co-resident cluster. The caller guarantees what the kernel's
+// static pairing needs (run_fwd_sm90). Returns false, having launched nothing, where the device runs no
+// such cluster.
+template <class Traits>
+bool launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
+  constexpr bool kCluster = Traits::kClusterM > 1;
+  constexpr int kSmemBytes = int(sizeof(typename Traits::SharedStorage));
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA on SM90 is 227 KB");
+  bool const varlen = p.cu_seqlens_q != nullptr;
   int device = 0, num_sms = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
-  if (varlen && p.rows_q > 0) {  // independent of the main kernel (disjoint rows), so launched first
-    sm90::fill_padding_rows<typename Traits::Element><<<std::min((p.rows_q + 3) / 4, 4 * num_sms), 128, 0, stream>>>(p);
-  }
   int const num_tiles = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM * p.heads_q * p.batch;
-  if (num_tiles == 0) return;
-  // A persistent grid (one CTA per SM) lets the producer load the next tile while the consumers
-  // finish this one (seqlen 512, hd128: 0.70x -> 0.82x cuDNN against one CTA per tile). Causal
-  // tiles range from 1 to seqlen/kBlockN key blocks, and a static round-robin over them left some
-  // SMs with twice the work (16k causal: 634 -> 420 TFLOP/s), so CTAs draw such tiles from a counter
-  // (p.tile_counter, zeroed by the caller on this stream; null when the tiles cost the same).
-  dim3 const grid(std::min(num_tiles, num_sms));
-  constexpr size_t kSmemBytes = sizeof(typename Traits::SharedStorage);
-  static_assert(kSmemBytes <= 227 * 1024, "shared memory per CTA on SM90 is 227 KB");
   auto kernel = &sm90::fwd_kernel<Traits>;
-  // The attribute stays set for the device, so it is set on an instantiation's first launch there only:
-  // a launch's host time matters at short rows (seqlen 512, hd128: ~100 us a call against a 137 us kernel).
-  static std::atomic<bool> smem_attribute_set[sm90_detail::kMaxDevices];
-  if (device >= sm90_detail::kMaxDevices || !smem_attribute_set[device].load(std::memory_order_relaxed)) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-    if (device < sm90_detail::kMaxDevices) smem_attribute_set[device].store(true, std::memory_order_relaxed);
+  if constexpr (kCluster) {
+    if (num_tiles < 2 * num_sms) return false;  // run_fwd_sm90 says why
+    cudaLaunchAttribute cluster_dim;
+    cluster_dim.id = cudaLaunchAttributeClusterDimension;
+    cluster_dim.val.clusterDim.x = Traits::kClusterM;
+    cluster_dim.val.clusterDim.y = 1;
+    cluster_dim.val.clusterDim.z = 1;
+    sm90_detail::set_smem_attribute_once<Traits>(device);
+    cudaLaunchConfig_t config = {};
+    config.blockDim = dim3(Traits::kNumThreads);
+    config.dynamicSmemBytes = kSmemBytes;
+    config.stream = stream;
+    config.attrs = &cluster_dim;
+    config.numAttrs = 1;
+    int const max_ctas = Traits::kClusterM * sm90_detail::max_active_clusters<Traits>(device, config);
+    int const ctas = std::min({num_tiles, num_sms, max_ctas}) / Traits::kClusterM * Traits::kClusterM;
+    if (ctas == 0) return false;
+    config.gridDim = dim3(ctas);
+    // An error (as of a <<<>>> launch) stays the last one, which the binding checks after the launcher.
+    cudaLaunchKernelEx(&config, kernel, sm90_detail::kernel_params<Traits>(p));
+  } else {
+    if (varlen && p.rows_q > 0) {  // independent of the main kernel (disjoint rows), so launched first
+      sm90::fill_padding_rows<typename Traits::Element><<<std::min((p.rows_q + 3) / 4, 4 * num_sms), 128, 0, stream>>>(p);
+    }
+    if (num_tiles == 0) return true;
+    sm90_detail::set_smem_attribute_once<Traits>(device);
+    kernel<<<std::min(num_tiles, num_sms), Traits::kNumThreads, kSmemBytes, stream>>>(sm90_detail::kernel_params<Traits>(p));
   }
-  kernel<<<grid, Traits::kNumThreads, kSmemBytes, stream>>>(kp);
+  return true;
 }
 
 // Narrow key tiles (kernel_traits.cuh) for causal/windowed calls and for rows of at most
@@ -105,8 +163,27 @@ template <class Element, int kDQK, int kDV>
 void run_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   bool const local = p.window_left >= 0 || p.window_right >= 0;
   bool const short_rows = p.cu_seqlens_k == nullptr && p.seqlen_k <= kShortRowKeys;
+  // hd128 rows of more than kShortRowKeys keys whose tiles all cost the same run on 2-CTA clusters
+  // that share K and V (kernel.cuh): hd128 16k 649 - 656 -> 684 - 691 TFLOP/s on the H100, where
+  // L2 serves nearly every K/V load; at 512 - 2048 keys it moved -1 to +1 % (RESULTS_cuda.md,
+  // session 13), so short rows keep the plain kernel. Their static schedule pairs query blocks 2i,
+  // 2i + 1 of one head, so it needs an even number of query blocks a head, and both tiles of a pair
+  // must read the same key blocks: no varlen, no seqused_k, no window (causal included). Grids of
+  // fewer than two tiles per SM keep the plain kernel too (a choice, not measured: there the CTAs
+  // finish after one or two tiles, and K/V traffic is not what bounds them).
+  if constexpr (kDQK == 128 && kDV == 128) {
+    using Pair = sm90::FwdTraits<Element, kDQK, kDV, /*kNarrow=*/false, /*kClusterM=*/2>;
+    int const m_blocks = (p.seqlen_q + Pair::kBlockM - 1) / Pair::kBlockM;
+    if (!short_rows && p.tile_counter == nullptr && p.cu_seqlens_q == nullptr && !local && p.seqused_k == nullptr &&
+        m_blocks % 2 == 0 && launch_fwd_sm90<Pair>(p, stream)) {
+      return;
+    }
+  }
   if constexpr (sm90::kNarrowHasOwnTiles<kDQK, kDV>) {
-    if (local || short_rows) return launch_fwd_sm90<sm90::FwdTraits<Element, kDQK, kDV, true>>(p, stream);
+    if (local || short_rows) {
+      launch_fwd_sm90<sm90::FwdTraits<Element, kDQK, kDV, true>>(p, stream);
+      return;
+    }
   }
   launch_fwd_sm90<sm90::FwdTraits<Element, kDQK, kDV, false>>(p, stream);
 }
