@@ -222,11 +222,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
     // K/V stages anyway, and the index is not live through the load loop (the producer thread runs
     // on 24 - 32 registers; kernel_traits.cuh).
     //
-    // Clusters take the static schedule (launch.cuh launches them only where p.tile_counter is null;
-    // a null constant here drops the counter path): CTA blockIdx.x walks tiles blockIdx.x + step x
-    // gridDim.x, so with an even grid and an even number of query blocks per head the two CTAs of
-    // cluster c = blockIdx.x / 2 get tiles 2P and 2P + 1, P = c + step x gridDim.x / 2: query blocks
-    // 2i and 2i + 1 of one (head, batch), so the same key blocks, and the same number of steps.
+    // Clusters take the static schedule, which pairs their CTAs' tiles (tile_scheduler.cuh); launch.cuh
+    // launches them only where p.tile_counter is null, and the null constant drops the counter path.
     for (int index = blockIdx.x;;
          ring.advance(), index = scheduler.next(kCluster ? nullptr : p.tile_counter, ring.uses)) {
       smem.tile_empty[ring.slot()].wait(ring.phase() ^ 1);  // the consumers have read the slot's last index

@@ -71,7 +71,7 @@ sm90::KernelParams<Traits> kernel_params(const FwdParams& p) {
 
 // The kernel's shared-memory attribute, set on an instantiation's first launch on a device only (it
 // stays set): a launch's host time matters at short rows (seqlen 512, hd128: ~100 us a call against a
-// 137 us kernel).
+// 137 us kernel). What the per-call attribute cost was not measured apart.
 template <class Traits>
 void set_smem_attribute_once(int device) {
   static std::atomic<bool> done[kMaxDevices];
@@ -124,12 +124,12 @@ bool launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   auto kernel = &sm90::fwd_kernel<Traits>;
   if constexpr (kCluster) {
     if (num_tiles < 2 * num_sms) return false;  // run_fwd_sm90 says why
+    sm90_detail::set_smem_attribute_once<Traits>(device);  // before the occupancy query, which depends on it
     cudaLaunchAttribute cluster_dim;
     cluster_dim.id = cudaLaunchAttributeClusterDimension;
     cluster_dim.val.clusterDim.x = Traits::kClusterM;
     cluster_dim.val.clusterDim.y = 1;
     cluster_dim.val.clusterDim.z = 1;
-    sm90_detail::set_smem_attribute_once<Traits>(device);
     cudaLaunchConfig_t config = {};
     config.blockDim = dim3(Traits::kNumThreads);
     config.dynamicSmemBytes = kSmemBytes;
@@ -164,8 +164,8 @@ void run_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   bool const local = p.window_left >= 0 || p.window_right >= 0;
   bool const short_rows = p.cu_seqlens_k == nullptr && p.seqlen_k <= kShortRowKeys;
   // hd128 rows of more than kShortRowKeys keys whose tiles all cost the same run on 2-CTA clusters
-  // that share K and V (kernel.cuh): hd128 16k 649 - 656 -> 684 - 691 TFLOP/s on the H100, where
-  // L2 serves nearly every K/V load; at 512 - 2048 keys it moved -1 to +1 % (RESULTS_cuda.md,
+  // that share K and V (kernel.cuh): hd128 16k 649 - 668 -> 672 - 691 TFLOP/s and 8k +3 % on the H100,
+  // where L2 serves nearly every K/V load; at 512 - 4096 keys it moved -2 to +2 % (RESULTS_cuda.md,
   // session 13), so short rows keep the plain kernel. Their static schedule pairs query blocks 2i,
   // 2i + 1 of one head, so it needs an even number of query blocks a head, and both tiles of a pair
   // must read the same key blocks: no varlen, no seqused_k, no window (causal included). Grids of
