@@ -46,7 +46,7 @@ def varlen(lens_q: list[int], lens_k: list[int], pad: int, dqk: int, dv: int, **
 
 
 def main() -> None:
-    for dqk, dv in ((128, 128), (64, 64), (256, 256), (192, 128), (72, 40)):
+    for dqk, dv in ((128, 128), (64, 64), (256, 256), (192, 128), (128, 256), (72, 40)):
         dense(2, 113, 203, 4, 2, 1, dqk, dv)
         dense(1, 203, 113, 2, 2, 2, dqk, dv, window_right=0)
         dense(1, 300, 300, 2, 1, 2, dqk, dv, window_left=50, window_right=7, softcap=10.0)

@@ -72,11 +72,13 @@ struct FwdTraits {
   using TileShapePV = Shape<Int<kBlockM>, Int<kDV>, Int<kBlockN>>;
   using AtomLayout = Layout<Shape<Int<kNumMmaWarpGroups>, _1, _1>>;
   // Q is the register A operand of S = Q K^T (loaded with ldmatrix once a tile) where registers allow:
-  // two consumer warpgroups, key tiles of at most 128 and dqk <= 128 (32 more registers a thread; with
-  // hd128's 176-key tiles or the three-warpgroup 160-register budget ptxas serialised the wgmmas).
+  // two consumer warpgroups, key tiles of at most 128, dqk <= 128 and dv <= 128 (32 more registers a
+  // thread; with hd128's 176-key tiles, the three-warpgroup 160-register budget or (128, 256)'s
+  // 128-register O accumulator ptxas serialised the wgmmas, and at (128, 256) spilled 128 bytes too:
+  // 469 -> 671 TFLOP/s at 8k once Q stayed in shared memory, H100, RESULTS_cuda.md session 14).
   // The S GEMM then reads only K from shared memory, and the Q buffer is free after the tile's first
   // GEMM. H100, 3 rounds each: (96, 96) and (64, 128) at 16k +2 - 4 %, hd128 at 512 unchanged.
-  static constexpr bool kRegisterQ = kNumMmaWarpGroups == 2 && kBlockN <= 128 && kDQK <= 128;
+  static constexpr bool kRegisterQ = kNumMmaWarpGroups == 2 && kBlockN <= 128 && kDQK <= 128 && kDV <= 128;
   using TiledMmaQK = decltype(make_tiled_mma(
       std::conditional_t<kRegisterQ, decltype(GMMA::rs_op_selector<Element, Element, float, TileShapeQK>()),
                          decltype(GMMA::ss_op_selector<Element, Element, float, TileShapeQK>())>{},
