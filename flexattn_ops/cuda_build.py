@@ -4,6 +4,9 @@ JIT loader (`cuda_ext.py`) share.
 
 `python -m flexattn_ops.cuda_build` (re)writes `csrc/cuda/flash_fwd_sm90/instantiations/` from
 `FWD_SM90_KERNELS` (the files are committed; a CPU test checks they are up to date).
+`python -m flexattn_ops.cuda_build --check-ptxas` compiles the selected instantiations' device code
+with `ptxas -v` (nvcc and CUTLASS's headers, no GPU) and fails on a serialised wgmma or an
+unexpected register spill (`check_ptxas`).
 
 This module imports no torch and nothing of the package at module level: `setup.py` loads it by
 path (the package's `__init__` registers torch ops) before deciding whether to build anything.
@@ -20,13 +23,18 @@ Environment (read when a spec is made):
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import math
 import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -286,10 +294,110 @@ def build_notice(spec: BuildSpec, folder: Path, jobs: int) -> str:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# ptxas resource check
+
+# Spill-store bytes a forward kernel of each (dqk, dv) may have; any other spill fails the check.
+# (256, 256): its producer thread runs on 24 registers so the consumers get 240, and spills its tile
+# setup (~150 bytes; kernel_traits.cuh).
+ALLOWED_SPILL_BYTES = {(256, 256): 256}
+
+
+class PtxasFunction(NamedTuple):
+    """What `ptxas -v` reports about one compiled function."""
+
+    name: str  # mangled
+    registers: int
+    spill_stores: int  # bytes
+    serialized_wgmma: bool  # ptxas made the wgmmas wait on each other (C7512: too few registers)
+
+
+_FUNCTION_PROPERTIES = re.compile(
+    r"Function properties for (\S+)\n\s*\d+ bytes stack frame, (\d+) bytes spill stores.*\n.*?Used (\d+) registers"
+)
+_SERIALIZED = re.compile(r"wgmma\.mma_async instructions are serialized.*?function '([^']+)'")
+
+
+def parse_ptxas(log: str) -> list[PtxasFunction]:
+    """The functions of an `nvcc -Xptxas -v` log, in order."""
+    serialized = set(_SERIALIZED.findall(log))
+    return [PtxasFunction(m[1], int(m[3]), int(m[2]), m[1] in serialized) for m in _FUNCTION_PROPERTIES.finditer(log)]
+
+
+def ptxas_problems(kernel: Kernel, log: str) -> list[str]:
+    """Why `kernel`'s ptxas log fails the check (empty: it passes). Both failures are silent at run time:
+    a serialised wgmma made (128, 256) 30 % slower for two sessions (RESULTS_cuda.md, session 14)."""
+    forward = [f for f in parse_ptxas(log) if "fwd_kernel" in f.name]
+    if not forward:
+        return [f"{kernel.name}: no forward kernel in the ptxas log:\n{log[-2000:]}"]
+    allowed = ALLOWED_SPILL_BYTES.get((kernel.dqk, kernel.dv), 0)
+    problems = []
+    for f in forward:
+        if f.serialized_wgmma:
+            problems.append(f"{kernel.name}: ptxas serialised the wgmmas of {f.name} (too few registers)")
+        if f.spill_stores > allowed:
+            problems.append(f"{kernel.name}: {f.name} spills {f.spill_stores} bytes (allowed: {allowed})")
+    return problems
+
+
+def find_nvcc(env: Mapping[str, str] = os.environ) -> Optional[Path]:
+    """nvcc under $CUDA_HOME, else on PATH; None if neither has one."""
+    if env.get("CUDA_HOME"):
+        nvcc = Path(env["CUDA_HOME"]) / "bin" / "nvcc"
+        return nvcc if nvcc.is_file() else None
+    found = shutil.which("nvcc")
+    return Path(found) if found else None
+
+
+def check_ptxas(spec: BuildSpec, nvcc: Path, jobs: int) -> list[str]:
+    """Compiles the device code of each kernel in `spec` to a cubin with `ptxas -v`, `jobs` at a time,
+    and returns every problem `ptxas_problems` finds (empty: all pass). Needs no GPU."""
+    includes = [f"-I{d}" for d in spec.include_dirs]
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def compile_one(kernel: Kernel) -> list[str]:
+            source = spec.root / INSTANTIATIONS / kernel.filename
+            cmd = [
+                str(nvcc),
+                *spec.nvcc_flags,
+                *includes,
+                "-Xptxas",
+                "-v",
+                "-cubin",
+                "-o",
+                f"{tmp}/{kernel.name}.cubin",
+            ]
+            run = subprocess.run([*cmd, str(source)], capture_output=True, text=True)
+            log = run.stdout + run.stderr
+            if run.returncode != 0:
+                return [f"{kernel.name}: nvcc failed ({run.returncode}):\n{log[-2000:]}"]
+            return ptxas_problems(kernel, log)
+
+        with ThreadPoolExecutor(max(1, jobs)) as pool:
+            return [problem for problems in pool.map(compile_one, spec.kernels) for problem in problems]
+
+
 def main() -> int:
-    written = generate()
-    print(f"wrote {len(written)} instantiation files in {ROOT / INSTANTIATIONS}", file=sys.stderr)
-    return 0
+    parser = argparse.ArgumentParser(prog="python -m flexattn_ops.cuda_build", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--check-ptxas",
+        action="store_true",
+        help="compile the FLEXATTN_CUDA_KERNELS selection with ptxas -v; fail on serialised wgmmas or spills",
+    )
+    args = parser.parse_args()
+    if not args.check_ptxas:
+        written = generate()
+        print(f"wrote {len(written)} instantiation files in {ROOT / INSTANTIATIONS}", file=sys.stderr)
+        return 0
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise BuildError("nvcc not found: set CUDA_HOME or put nvcc on PATH")
+    spec = build_spec()
+    problems = check_ptxas(spec, nvcc, build_jobs())
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"ptxas check: {len(spec.kernels)} kernels, {len(problems)} problems", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

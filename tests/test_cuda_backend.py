@@ -226,6 +226,64 @@ def test_build_notice_and_jobs(fake_cutlass):
     assert cuda_build.build_jobs({"MAX_JOBS": "x"}) >= 1
 
 
+def _ptxas_block(name: str, spill: int, serialized: bool = False) -> str:
+    """One function's lines as `nvcc -Xptxas -v` prints them (CUDA 13)."""
+    lines = []
+    if serialized:
+        lines.append(
+            "ptxas info    : (C7512) Potential Performance Loss: wgmma.mma_async instructions are serialized "
+            f"due to insufficient register resources for the function '{name}'"
+        )
+    lines += [
+        f"ptxas info    : Compiling entry function '{name}' for 'sm_90a'",
+        f"ptxas info    : Function properties for {name}",
+        f"    {spill} bytes stack frame, {spill} bytes spill stores, {spill} bytes spill loads",
+        "ptxas info    : Used 168 registers, used 16 barriers"
+        + (f", {spill} bytes cumulative stack size" if spill else ""),
+        "ptxas info    : Compile time = 316.240 ms",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def test_ptxas_log_check_flags_serialised_wgmma_and_spills():
+    """The parser behind `--check-ptxas`, on logs in ptxas's format: the fill kernel is ignored; a
+    serialised wgmma always fails; spills fail beyond the (dqk, dv)'s allowance."""
+    fill = _ptxas_block("_ZN8flexattn4sm9017fill_padding_rowsE", 0)
+    wide, narrow = "_ZN8flexattn4sm9010fwd_kernelILb0EEE", "_ZN8flexattn4sm9010fwd_kernelILb1EEE"
+    clean = fill + _ptxas_block(wide, 0) + _ptxas_block(narrow, 0)
+    parsed = cuda_build.parse_ptxas(clean)
+    assert [(f.name, f.registers, f.spill_stores, f.serialized_wgmma) for f in parsed] == [
+        ("_ZN8flexattn4sm9017fill_padding_rowsE", 168, 0, False),
+        (wide, 168, 0, False),
+        (narrow, 168, 0, False),
+    ]
+    k128x256, k256 = Kernel("bf16", 128, 256), Kernel("bf16", 256, 256)
+    assert cuda_build.ptxas_problems(k128x256, clean) == []
+    serialized = fill + _ptxas_block(wide, 128, serialized=True) + _ptxas_block(narrow, 0)
+    problems = cuda_build.ptxas_problems(k128x256, serialized)
+    assert len(problems) == 2
+    assert f"serialised the wgmmas of {wide}" in problems[0] and "spills 128 bytes (allowed: 0)" in problems[1]
+    assert cuda_build.ptxas_problems(k256, fill + _ptxas_block(wide, 152)) == []
+    assert "spills 300 bytes (allowed: 256)" in cuda_build.ptxas_problems(k256, _ptxas_block(wide, 300))[0]
+    assert "no forward kernel" in cuda_build.ptxas_problems(k256, fill)[0]
+
+
+def test_sm90_kernels_pass_the_ptxas_check():
+    """Every bf16 forward instantiation compiles (device code only, no GPU needed) with no serialised
+    wgmma and no spill beyond ALLOWED_SPILL_BYTES. The fp16 files instantiate the same templates."""
+    nvcc = cuda_build.find_nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc on this machine")
+    try:
+        spec = cuda_build.build_spec(
+            {"FLEXATTN_CUDA_KERNELS": ",".join(k.name for k in FWD_SM90_KERNELS if k.dtype == "bf16")}
+        )
+    except BuildError as e:
+        pytest.skip(f"CUTLASS headers: {e}")
+    assert len(spec.kernels) == 9
+    assert cuda_build.check_ptxas(spec, nvcc, jobs=os.cpu_count() or 1) == []
+
+
 def _run_without_torch(code: str, **env: str) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter in which `import torch` fails."""
     prelude = "import sys; sys.modules['torch'] = None\n"
