@@ -10,7 +10,7 @@ PYTHON ?= python3
 setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
 	$(PYTHON) -m pip install -q -e ".[test]"
-	command -v nvcc >/dev/null && $(PYTHON) -m pip install -q --no-deps nvidia-cutlass==4.2.0.0 || true
+	command -v nvcc >/dev/null && $(PYTHON) -m pip install -q --no-deps --retries 1 --timeout 30 nvidia-cutlass==4.2.0.0 || true
 
 demo: setup
 	$(PYTHON) -m flexattn_ops.demo

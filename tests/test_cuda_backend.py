@@ -246,26 +246,51 @@ def _ptxas_block(name: str, spill: int, serialized: bool = False) -> str:
 
 
 def test_ptxas_log_check_flags_serialised_wgmma_and_spills():
-    """The parser behind `--check-ptxas`, on logs in ptxas's format: the fill kernel is ignored; a
-    serialised wgmma always fails; spills fail beyond the (dqk, dv)'s allowance."""
+    """The parser behind `--check-ptxas`, on logs in ptxas's format: the fill kernel's spills are not
+    judged; a serialised wgmma always fails, with ptxas's reason; spills fail beyond the (dqk, dv)'s
+    allowance; an advisory the parser cannot read fails rather than passing unseen."""
     fill = _ptxas_block("_ZN8flexattn4sm9017fill_padding_rowsE", 0)
     wide, narrow = "_ZN8flexattn4sm9010fwd_kernelILb0EEE", "_ZN8flexattn4sm9010fwd_kernelILb1EEE"
     clean = fill + _ptxas_block(wide, 0) + _ptxas_block(narrow, 0)
-    parsed = cuda_build.parse_ptxas(clean)
-    assert [(f.name, f.registers, f.spill_stores, f.serialized_wgmma) for f in parsed] == [
-        ("_ZN8flexattn4sm9017fill_padding_rowsE", 168, 0, False),
-        (wide, 168, 0, False),
-        (narrow, 168, 0, False),
+    functions, serialized = cuda_build.parse_ptxas(clean)
+    assert [(f.name, f.registers, f.spill_stores) for f in functions] == [
+        ("_ZN8flexattn4sm9017fill_padding_rowsE", 168, 0),
+        (wide, 168, 0),
+        (narrow, 168, 0),
     ]
+    assert serialized == {}
     k128x256, k256 = Kernel("bf16", 128, 256), Kernel("bf16", 256, 256)
     assert cuda_build.ptxas_problems(k128x256, clean) == []
-    serialized = fill + _ptxas_block(wide, 128, serialized=True) + _ptxas_block(narrow, 0)
-    problems = cuda_build.ptxas_problems(k128x256, serialized)
-    assert len(problems) == 2
-    assert f"serialised the wgmmas of {wide}" in problems[0] and "spills 128 bytes (allowed: 0)" in problems[1]
+    log = fill + _ptxas_block(wide, 128, serialized=True) + _ptxas_block(narrow, 0)
+    assert cuda_build.parse_ptxas(log)[1] == {wide: "due to insufficient register resources"}
+    assert cuda_build.ptxas_problems(k128x256, log) == [
+        f"bf16_128x256: ptxas serialised the wgmmas of {wide} (due to insufficient register resources)",
+        f"bf16_128x256: {wide} spills 128 bytes (allowed: 0)",
+    ]
     assert cuda_build.ptxas_problems(k256, fill + _ptxas_block(wide, 152)) == []
-    assert "spills 300 bytes (allowed: 256)" in cuda_build.ptxas_problems(k256, _ptxas_block(wide, 300))[0]
+    assert cuda_build.ptxas_problems(k256, _ptxas_block(wide, 300)) == [
+        f"bf16_256x256: {wide} spills 300 bytes (allowed: 256)"
+    ]
     assert "no forward kernel" in cuda_build.ptxas_problems(k256, fill)[0]
+    reworded = clean + "ptxas info    : wgmma instructions are serialized because of a new reason\n"
+    assert "cannot parse" in cuda_build.ptxas_problems(k256, reworded)[0]
+
+
+def test_find_nvcc_and_ptxas_cli_errors(tmp_path, monkeypatch):
+    """nvcc from CUDA_HOME, else PATH; a CUDA_HOME without one falls through to PATH. CLI errors are
+    one line and exit 2, not a traceback."""
+    for d in ("home/bin", "path"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "nvcc").write_text("")
+    path = str(tmp_path / "path")
+    assert cuda_build.find_nvcc({"CUDA_HOME": str(tmp_path / "home"), "PATH": path}) == tmp_path / "home/bin/nvcc"
+    (tmp_path / "path" / "nvcc").chmod(0o755)
+    assert cuda_build.find_nvcc({"CUDA_HOME": str(tmp_path / "none"), "PATH": path}) == tmp_path / "path/nvcc"
+    assert cuda_build.ptxas_jobs({"MAX_JOBS": "1"}) == 1
+    monkeypatch.setattr(sys, "argv", ["cuda_build", "--check-ptxas"])
+    monkeypatch.setenv("FLEXATTN_CUDA_KERNELS", "bf16_1x1")
+    monkeypatch.setattr(cuda_build, "find_nvcc", lambda: tmp_path / "path" / "nvcc")
+    assert cuda_build.main() == 2
 
 
 def test_sm90_kernels_pass_the_ptxas_check():
@@ -274,14 +299,15 @@ def test_sm90_kernels_pass_the_ptxas_check():
     nvcc = cuda_build.find_nvcc()
     if nvcc is None:
         pytest.skip("no nvcc on this machine")
+    if cuda_build.nvcc_release(nvcc) < cuda_build.PTXAS_CHECKED_RELEASE:
+        pytest.skip(f"nvcc {cuda_build.nvcc_release(nvcc)} is older than the ptxas the allowances were measured with")
+    bf16 = ",".join(k.name for k in FWD_SM90_KERNELS if k.dtype == "bf16")
     try:
-        spec = cuda_build.build_spec(
-            {"FLEXATTN_CUDA_KERNELS": ",".join(k.name for k in FWD_SM90_KERNELS if k.dtype == "bf16")}
-        )
+        spec = cuda_build.build_spec({"FLEXATTN_CUDA_KERNELS": bf16})
     except BuildError as e:
         pytest.skip(f"CUTLASS headers: {e}")
     assert len(spec.kernels) == 9
-    assert cuda_build.check_ptxas(spec, nvcc, jobs=os.cpu_count() or 1) == []
+    assert cuda_build.check_ptxas(spec, nvcc, cuda_build.ptxas_jobs()) == []
 
 
 def _run_without_torch(code: str, **env: str) -> subprocess.CompletedProcess:
