@@ -844,20 +844,20 @@ def _cluster_cases():
     ]
 
 
-def _sm90_cluster_sizes_launched(fn) -> list[int]:
-    """The cluster size (FwdTraits' last argument) of each SM90 forward kernel `fn` launches, read from the
-    CUDA profiler's kernel names (demangled, or mangled where the profiler does not demangle)."""
+def _sm90_traits_launched(fn) -> list[tuple[bool, int]]:
+    """(narrow, cluster size) of each SM90 forward kernel `fn` launches (FwdTraits' last two arguments), read
+    from the CUDA profiler's kernel names (demangled, or mangled where the profiler does not demangle)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    sizes = []
+    traits = []
     for e in prof.events():
         if "fwd_kernel" in e.name:
-            demangled = re.search(r"FwdTraits<[^>]*, (?:\(int\))?(\d+) ?>", e.name)
-            m = demangled or re.search(r"FwdTraitsI.*?Lb[01]ELi(\d+)E", e.name)
+            demangled = re.search(r"FwdTraits<[^>]*, (true|false|\(bool\)[01]), (?:\(int\))?(\d+) ?>", e.name)
+            m = demangled or re.search(r"FwdTraitsI.*?Lb([01])ELi(\d+)E", e.name)
             assert m, e.name
-            sizes.append(int(m.group(1)))
-    return sizes
+            traits.append((m.group(1) in ("true", "(bool)1", "1"), int(m.group(2))))
+    return traits
 
 
 @gpu
@@ -869,7 +869,38 @@ def test_gpu_cluster_multicast(case, cluster):
     from tests.triton_cases import check_case, make_inputs
 
     q, k, v = make_inputs(case, "cuda")[:3]
-    assert _sm90_cluster_sizes_launched(lambda: flash_attn_func(q, k, v, causal=case.causal)) == [2 if cluster else 1]
+    launched = _sm90_traits_launched(lambda: flash_attn_func(q, k, v, causal=case.causal))
+    assert [size for _, size in launched] == [2 if cluster else 1]
+    check_case(case, "cuda", expect_backend="cuda")
+
+
+def _fewer_rows_cases():
+    """hd64-class calls (dqk, dv <= 64) around launch.cuh's choice of their narrow tiles, 128 query rows
+    instead of 192: causal or windowed rows of at most 1024 keys only."""
+    from tests.triton_cases import Case
+
+    def case(*args, **kwargs):
+        return Case(*args, check_grads=False, **kwargs)
+
+    return [
+        # 8 query blocks x 16 heads x 4 = 512 tiles: CTAs draw 3 - 4 tiles each from the counter
+        pytest.param(case(4, 1000, 1000, 16, 16, 16, 64, 64, BF16, causal=True), True, id="hd64-causal-short"),
+        pytest.param(case(2, 777, 1024, 16, 8, 4, 32, 64, F16, window=(300, 0)), True, id="32x64-window-short"),
+        pytest.param(case(2, 1000, 1000, 16, 16, 16, 64, 64, BF16), False, id="hd64-dense-short"),
+        pytest.param(case(1, 1100, 1100, 16, 16, 16, 64, 64, BF16, causal=True), False, id="hd64-causal-long"),
+    ]
+
+
+@gpu
+@pytest.mark.usefixtures("on_cuda")
+@pytest.mark.parametrize(("case", "narrow"), _fewer_rows_cases())
+def test_gpu_hd64_narrow_tiles_for_short_masked_rows(case, narrow):
+    """The kernel launch.cuh picks for hd64-class calls, and its output against the oracle."""
+    from tests.triton_cases import check_case, make_inputs
+
+    q, k, v = make_inputs(case, "cuda")[:3]
+    launched = _sm90_traits_launched(lambda: flash_attn_func(q, k, v, causal=case.causal, window_size=case.window))
+    assert launched == [(narrow, 1)]
     check_case(case, "cuda", expect_backend="cuda")
 
 

@@ -31,10 +31,14 @@ using namespace cute;
 //   and short rows keep 128 so a second Q buffer fits (kQStages).
 // - hd64 (dqk = dv = 64) does 2 x 128 FLOPs per exp2, so the exp2 units bind as much as the tensor
 //   cores: a third consumer warpgroup (192 query rows) gives the ping-pong more softmax to hide.
+//   Narrow (launch.cuh: there, causal/windowed rows of at most 1024 keys) keeps 128 rows: a 192-row
+//   block pads 512 or 1024 rows by 64 and masks more of the diagonal. hd64 causal 512 / 1024: 0.80 /
+//   0.83 -> 0.88 / 0.92x cuDNN, (32, 64) 0.85 / 0.87 -> 0.90 / 0.92x, while dense 512 - 1024 and causal
+//   2048+ ran 1 - 12 % slower on 128 rows (H100, RESULTS_cuda.md session 15).
 template <int kDQK, int kDV, bool kNarrow>
 struct TileConfig {
   static constexpr bool kSmallDims = kDQK <= 128 && kDV <= 128;
-  static constexpr int kBlockM = (kDQK <= 64 && kDV <= 64) ? 192 : 128;
+  static constexpr int kBlockM = (kDQK <= 64 && kDV <= 64 && !kNarrow) ? 192 : 128;
   static constexpr int kBlockN = (kDQK == 128 && kDV == 128 && !kNarrow) ? 176 : (kSmallDims ? 128 : (kDV <= 192 ? 112 : 80));
   static constexpr int kStages = 2;
 };
