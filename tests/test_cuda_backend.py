@@ -874,9 +874,10 @@ def test_gpu_cluster_multicast(case, cluster):
     check_case(case, "cuda", expect_backend="cuda")
 
 
-def _fewer_rows_cases():
-    """hd64-class calls (dqk, dv <= 64) around launch.cuh's choice of their narrow tiles, 128 query rows
-    instead of 192: causal or windowed rows of at most 1024 keys only."""
+def _narrow_tile_cases():
+    """Calls around launch.cuh's choice of the narrow tiles (kernel_traits.cuh): rows of <= 1024 keys with a
+    mask always take them; short dense rows except at hd64 (whose narrow tiles have 128 query rows, not 192);
+    long masked rows at hd128 only (128-key tiles, not 176). dv 256's narrow tiles have 64 keys, not 80."""
     from tests.triton_cases import Case
 
     def case(*args, **kwargs):
@@ -888,14 +889,20 @@ def _fewer_rows_cases():
         pytest.param(case(2, 777, 1024, 16, 8, 4, 32, 64, F16, window=(300, 0)), True, id="32x64-window-short"),
         pytest.param(case(2, 1000, 1000, 16, 16, 16, 64, 64, BF16), False, id="hd64-dense-short"),
         pytest.param(case(1, 1100, 1100, 16, 16, 16, 64, 64, BF16, causal=True), False, id="hd64-causal-long"),
+        # 1000 keys = 15 x 64 + 40 on the narrow tiles: the last key block is partly past the keys
+        pytest.param(case(2, 1000, 1000, 16, 8, 8, 128, 256, BF16), True, id="128x256-dense-short"),
+        pytest.param(case(2, 600, 1024, 8, 2, 2, 256, 256, F16, causal=True), True, id="hd256-causal-short"),
+        pytest.param(case(1, 1100, 1100, 8, 8, 8, 256, 256, BF16, causal=True), False, id="hd256-causal-long"),
+        pytest.param(case(2, 1000, 1000, 16, 16, 16, 128, 128, BF16), True, id="hd128-dense-short"),
+        pytest.param(case(1, 1100, 1100, 16, 16, 16, 128, 128, BF16, window=(200, 0)), True, id="hd128-window-long"),
     ]
 
 
 @gpu
 @pytest.mark.usefixtures("on_cuda")
-@pytest.mark.parametrize(("case", "narrow"), _fewer_rows_cases())
-def test_gpu_hd64_narrow_tiles_for_short_masked_rows(case, narrow):
-    """The kernel launch.cuh picks for hd64-class calls, and its output against the oracle."""
+@pytest.mark.parametrize(("case", "narrow"), _narrow_tile_cases())
+def test_gpu_narrow_tile_choice(case, narrow):
+    """Whether launch.cuh picks the narrow tiles, and the output against the oracle."""
     from tests.triton_cases import check_case, make_inputs
 
     q, k, v = make_inputs(case, "cuda")[:3]

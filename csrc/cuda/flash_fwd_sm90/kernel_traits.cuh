@@ -21,7 +21,9 @@ namespace flexattn::sm90 {
 
 using namespace cute;
 
-// Tile shape per (dqk, dv) and whether the call wants narrow key tiles (kNarrow, launch.cuh).
+// Tile shape per (dqk, dv), plain or narrow (kNarrow), and which calls take the narrow tiles: always
+// causal/windowed rows of at most 1024 keys (launch.cuh's kShortRowKeys), and as the flags below say
+// other short rows and long causal/windowed ones.
 // - kBlockN: the largest key tile for which Q + 2 stages of K and V fit in the 227 KB of shared
 //   memory and the O accumulator (dv/2 fp32 registers per thread), the scores (kBlockN/2) and P
 //   (kBlockN/4) fit in 240 registers. 192/192 with 112: 48 + 2 x 42 + 2 x 42 = 216 KB; 256/256
@@ -29,18 +31,28 @@ using namespace cute;
 // - hd128 takes 176-key tiles (fewer softmax passes per key: 0.93x -> 1.03x cuDNN at 16k on an
 //   H200) unless kNarrow: causal/windowed calls keep 128 so fewer keys are wasted on the diagonal,
 //   and short rows keep 128 so a second Q buffer fits (kQStages).
+// - dv 256's narrow tiles take 64 keys: 80-key tiles pad 512 keys to 560. Short rows, H100, 2 rounds
+//   (RESULTS_cuda.md session 15): (128, 256) 512 458 -> 498 TFLOP/s, causal 512 / 1024 285 - 295 /
+//   416 - 422 -> 322 / 459; hd256 512 490 -> 503, causal 266 - 275 -> 288. Causal rows of 8k ran 2 -
+//   4 % slower on them, so long masked rows keep 80.
 // - hd64 (dqk = dv = 64) does 2 x 128 FLOPs per exp2, so the exp2 units bind as much as the tensor
 //   cores: a third consumer warpgroup (192 query rows) gives the ping-pong more softmax to hide.
-//   Narrow (launch.cuh: there, causal/windowed rows of at most 1024 keys) keeps 128 rows: a 192-row
-//   block pads 512 or 1024 rows by 64 and masks more of the diagonal. hd64 causal 512 / 1024: 0.80 /
-//   0.83 -> 0.88 / 0.92x cuDNN, (32, 64) 0.85 / 0.87 -> 0.90 / 0.92x, while dense 512 - 1024 and causal
-//   2048+ ran 1 - 12 % slower on 128 rows (H100, RESULTS_cuda.md session 15).
+//   Its narrow tiles keep 128 rows: a 192-row block pads 512 or 1024 rows by 64 and masks more of
+//   the diagonal. hd64 causal 512 / 1024: 0.80 / 0.83 -> 0.88 / 0.92 - 0.95x cuDNN, (32, 64) 0.85 /
+//   0.87 -> 0.88 - 0.90 / 0.92 - 0.95x; dense 512 - 1024 and causal 2048+ ran 1 - 12 % slower on
+//   them, so only short masked rows take them (H100, session 15).
 template <int kDQK, int kDV, bool kNarrow>
 struct TileConfig {
   static constexpr bool kSmallDims = kDQK <= 128 && kDV <= 128;
-  static constexpr int kBlockM = (kDQK <= 64 && kDV <= 64 && !kNarrow) ? 192 : 128;
-  static constexpr int kBlockN = (kDQK == 128 && kDV == 128 && !kNarrow) ? 176 : (kSmallDims ? 128 : (kDV <= 192 ? 112 : 80));
+  static constexpr bool kHd64 = kDQK <= 64 && kDV <= 64;
+  static constexpr int kBlockM = kHd64 && !kNarrow ? 192 : 128;
+  static constexpr int kBlockN =
+      (kDQK == 128 && kDV == 128 && !kNarrow) ? 176 : (kSmallDims ? 128 : (kDV <= 192 ? 112 : (kNarrow ? 64 : 80)));
   static constexpr int kStages = 2;
+  // Besides short masked rows, the narrow tiles serve short dense rows (all but hd64) and long masked
+  // rows (hd128).
+  static constexpr bool kNarrowForShortDenseRows = !kHd64;
+  static constexpr bool kNarrowForLongMaskedRows = kDQK == 128 && kDV == 128;
 };
 
 // Whether narrow-tile calls need their own instantiation.

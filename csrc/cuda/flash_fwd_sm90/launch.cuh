@@ -153,11 +153,10 @@ bool launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   return true;
 }
 
-// Narrow tiles (kernel_traits.cuh). hd128's narrow key tiles serve causal/windowed calls and rows of
-// at most kShortRowKeys keys: at seqlen 512 the 128-key tiles with two Q buffers ran 459 TFLOP/s
-// against 449 for the 176-key ones with one (H100, RESULTS_cuda.md, session 10). hd64's narrow tiles
-// have fewer query rows (128, not 192), which pays only where both hold: causal/windowed and short
-// rows (session 15). Varlen calls keep the wide tiles: the launch does not know their longest row.
+// Narrow tiles (kernel_traits.cuh says which calls take them) serve rows of at most kShortRowKeys keys:
+// at hd128, seqlen 512, the 128-key tiles with two Q buffers ran 459 TFLOP/s against 449 for the 176-key
+// ones with one (H100, RESULTS_cuda.md, session 10). Varlen calls keep the plain tiles: the launch does
+// not know their longest row.
 constexpr int kShortRowKeys = 1024;
 
 template <class Element, int kDQK, int kDV>
@@ -181,8 +180,8 @@ void run_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
     }
   }
   if constexpr (sm90::kNarrowHasOwnTiles<kDQK, kDV>) {
-    constexpr bool kFewerRows = sm90::TileConfig<kDQK, kDV, true>::kBlockM < sm90::TileConfig<kDQK, kDV, false>::kBlockM;
-    if (kFewerRows ? local && short_rows : local || short_rows) {
+    using Config = sm90::TileConfig<kDQK, kDV, true>;
+    if (short_rows ? local || Config::kNarrowForShortDenseRows : local && Config::kNarrowForLongMaskedRows) {
       launch_fwd_sm90<sm90::FwdTraits<Element, kDQK, kDV, true>>(p, stream);
       return;
     }
