@@ -877,7 +877,8 @@ def test_gpu_cluster_multicast(case, cluster):
 def _narrow_tile_cases():
     """Calls around launch.cuh's choice of the narrow tiles (kernel_traits.cuh): rows of <= 1024 keys with a
     mask always take them; short dense rows except at hd64 (whose narrow tiles have 128 query rows, not 192);
-    long masked rows at hd128 only (128-key tiles, not 176). dv 256's narrow tiles have 64 keys, not 80."""
+    long masked rows at hd128 only (128-key tiles, not 176). Those of (192, 128) have 128 keys, not 112, and
+    those of dv 256 64, not 80."""
     from tests.triton_cases import Case
 
     def case(*args, **kwargs):
@@ -893,6 +894,8 @@ def _narrow_tile_cases():
         pytest.param(case(2, 1000, 1000, 16, 8, 8, 128, 256, BF16), True, id="128x256-dense-short"),
         pytest.param(case(2, 600, 1024, 8, 2, 2, 256, 256, F16, causal=True), True, id="hd256-causal-short"),
         pytest.param(case(1, 1100, 1100, 8, 8, 8, 256, 256, BF16, causal=True), False, id="hd256-causal-long"),
+        pytest.param(case(2, 1000, 1000, 16, 8, 4, 192, 128, F16), True, id="192x128-dense-short"),
+        pytest.param(case(1, 1100, 1100, 16, 16, 16, 192, 128, BF16, causal=True), False, id="192x128-causal-long"),
         pytest.param(case(2, 1000, 1000, 16, 16, 16, 128, 128, BF16), True, id="hd128-dense-short"),
         pytest.param(case(1, 1100, 1100, 16, 16, 16, 128, 128, BF16, window=(200, 0)), True, id="hd128-window-long"),
     ]

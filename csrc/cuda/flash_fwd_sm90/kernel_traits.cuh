@@ -31,10 +31,12 @@ using namespace cute;
 // - hd128 takes 176-key tiles (fewer softmax passes per key: 0.93x -> 1.03x cuDNN at 16k on an
 //   H200) unless kNarrow: causal/windowed calls keep 128 so fewer keys are wasted on the diagonal,
 //   and short rows keep 128 so a second Q buffer fits (kQStages).
-// - dv 256's narrow tiles take 64 keys: 80-key tiles pad 512 keys to 560. Short rows, H100, 2 rounds
-//   (RESULTS_cuda.md session 15): (128, 256) 512 458 -> 498 TFLOP/s, causal 512 / 1024 285 - 295 /
-//   416 - 422 -> 322 / 459; hd256 512 490 -> 503, causal 266 - 275 -> 288. Causal rows of 8k ran 2 -
-//   4 % slower on them, so long masked rows keep 80.
+// - 112- and 80-key tiles pad 512 keys to 560. The narrow tiles of (192, 128) take 128 keys (48 + 2 x
+//   80 = 208 KB) and those of dv 256 64. Short rows, H100, 2 rounds (RESULTS_cuda.md session 15):
+//   (192, 128) 512 503 -> 527 TFLOP/s, causal 287 - 291 -> 314 - 320; (128, 256) 512 458 -> 498,
+//   causal 512 / 1024 285 - 295 / 416 - 422 -> 322 / 459; hd256 512 490 -> 503, causal 266 - 275 ->
+//   288. Long rows keep the plain tiles: 8k (192, 128) ran 1.6 % slower on 128 keys, causal 8k dv 256
+//   2 - 4 % on 64. (192, 192) on 64 keys: causal 512 +5 %, dense 512 and 1024 -3 - 5 %, so none.
 // - hd64 (dqk = dv = 64) does 2 x 128 FLOPs per exp2, so the exp2 units bind as much as the tensor
 //   cores: a third consumer warpgroup (192 query rows) gives the ping-pong more softmax to hide.
 //   Its narrow tiles keep 128 rows: a 192-row block pads 512 or 1024 rows by 64 and masks more of
@@ -46,8 +48,13 @@ struct TileConfig {
   static constexpr bool kSmallDims = kDQK <= 128 && kDV <= 128;
   static constexpr bool kHd64 = kDQK <= 64 && kDV <= 64;
   static constexpr int kBlockM = kHd64 && !kNarrow ? 192 : 128;
-  static constexpr int kBlockN =
-      (kDQK == 128 && kDV == 128 && !kNarrow) ? 176 : (kSmallDims ? 128 : (kDV <= 192 ? 112 : (kNarrow ? 64 : 80)));
+  static constexpr int kBlockN = [] {
+    if (kDQK == 128 && kDV == 128) return kNarrow ? 128 : 176;
+    if (kSmallDims) return 128;
+    if (kDV <= 128) return kNarrow ? 128 : 112;  // (192, 128)
+    if (kDV <= 192) return 112;
+    return kNarrow ? 64 : 80;
+  }();
   static constexpr int kStages = 2;
   // Besides short masked rows, the narrow tiles serve short dense rows (all but hd64) and long masked
   // rows (hd128).
