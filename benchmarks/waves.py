@@ -1,6 +1,7 @@
 """Is the forward's gap to cuDNN at short rows a tail effect? Times ours (FLEXATTN_BACKEND=cuda) and cuDNN's SDPA
 at one (seqlen, head dim) over several batch sizes, in interleaved rounds in one process, and prints each batch's
-TFLOP/s, the ratio, and how many waves of 128-row tiles a persistent grid of one CTA per SM runs (tiles / SMs).
+TFLOP/s, the ratio, and how many waves of tiles a persistent grid of one CTA per SM runs (tiles / SMs; a tile is
+128 query rows, or 192 at head dims <= 64 unless causal with rows of <= 1024 keys: kernel_traits.cuh).
 
 A whole number of waves leaves no SM idle at the end; 15.5 waves (the benchmark grid's seqlen 512: 2048 tiles on
 132 SMs) leave half the SMs idle for the last tile. If the ratio at whole waves matches the ratio at half waves, the
@@ -50,7 +51,8 @@ def main() -> None:
                     times[name].append(bench_ms(lambda fn=fn, q=q, k=k, v=v: fn(q, k, v)))
         f = flops(b, h, s, d, d, causal, "fwd")
         ratios = [c / o for o, c in zip(times["cuda"], times["cudnn"], strict=True)]
-        tiles = b * h * -(-s // 128)
+        rows = 192 if d <= 64 and not (causal and s <= 1024) else 128
+        tiles = b * h * -(-s // rows)
         tf = {name: f / statistics.median(t) / 1e9 for name, t in times.items()}
         print(
             f"| {b} | {tiles / sms:.2f} | {tf['cuda']:.0f} | {tf['cudnn']:.0f} | "

@@ -33,14 +33,15 @@ using namespace cute;
 //   and short rows keep 128 so a second Q buffer fits (kQStages).
 // - 112- and 80-key tiles pad 512 keys to 560. The narrow tiles of (192, 128) take 128 keys (48 + 2 x
 //   80 = 208 KB) and those of dv 256 64. Short rows, H100, 2 rounds (RESULTS_cuda.md session 15):
-//   (192, 128) 512 503 -> 527 TFLOP/s, causal 287 - 291 -> 314 - 320; (128, 256) 512 458 -> 498,
+//   (192, 128) 512 503 -> 527 TFLOP/s, causal 287 - 291 -> 314 - 320 (with O stored from registers:
+//   no room for the O buffer beside 128-key stages); (128, 256) 512 458 -> 498,
 //   causal 512 / 1024 285 - 295 / 416 - 422 -> 322 / 459; hd256 512 490 -> 503, causal 266 - 275 ->
 //   288. Long rows keep the plain tiles: 8k (192, 128) ran 1.6 % slower on 128 keys, causal 8k dv 256
 //   2 - 4 % on 64. (192, 192) on 64 keys: causal 512 +5 %, dense 512 and 1024 -3 - 5 %, so none.
 // - hd64 (dqk = dv = 64) does 2 x 128 FLOPs per exp2, so the exp2 units bind as much as the tensor
 //   cores: a third consumer warpgroup (192 query rows) gives the ping-pong more softmax to hide.
-//   Its narrow tiles keep 128 rows: a 192-row block pads 512 or 1024 rows by 64 and masks more of
-//   the diagonal. hd64 causal 512 / 1024: 0.80 / 0.83 -> 0.88 / 0.92 - 0.95x cuDNN, (32, 64) 0.85 /
+//   Its narrow tiles keep 128 rows: 192-row blocks pad 512 rows to 576 and 1024 to 1152, and mask
+//   more of the diagonal. hd64 causal 512 / 1024: 0.80 / 0.83 -> 0.88 / 0.92 - 0.95x cuDNN, (32, 64) 0.85 /
 //   0.87 -> 0.88 - 0.90 / 0.92 - 0.95x; dense 512 - 1024 and causal 2048+ ran 1 - 12 % slower on
 //   them, so only short masked rows take them (H100, session 15).
 template <int kDQK, int kDV, bool kNarrow>
@@ -162,8 +163,8 @@ struct FwdTraits {
                                       Shape<Int<kBlockM>, Int<kDQK>>{}, _1{}));
   // In a cluster each CTA loads 1 / kClusterM of a K or V block and multicasts it to every CTA of
   // the cluster: CuTe cuts the box (64 columns, one 128-byte swizzle span, by kBlockN rows) in rows,
-  // so at hd128 CTA r issues the two column halves' rows [r, r + 1) x kBlockN / 2 (88 or 64 rows,
-  // whole 1024-byte swizzle atoms, as the TMA destination needs).
+  // so at hd128 (176-key tiles: launch.cuh runs clusters on those only) CTA r issues the two column
+  // halves' rows [r, r + 1) x 88 (whole 1024-byte swizzle atoms, as the TMA destination needs).
   using TmaLoadKV = std::conditional_t<kClusterM == 1, SM90_TMA_LOAD, SM90_TMA_LOAD_MULTICAST>;
   using TmaK = decltype(make_tma_copy(TmaLoadKV{}, GmemTensor{}, take<0, 2>(SmemLayoutK{}),
                                       Shape<Int<kBlockN>, Int<kDQK>>{}, Int<kClusterM>{}));

@@ -153,10 +153,11 @@ bool launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   return true;
 }
 
-// Narrow tiles (kernel_traits.cuh says which calls take them) serve rows of at most kShortRowKeys keys:
-// at hd128, seqlen 512, the 128-key tiles with two Q buffers ran 459 TFLOP/s against 449 for the 176-key
-// ones with one (H100, RESULTS_cuda.md, session 10). Varlen calls keep the plain tiles: the launch does
-// not know their longest row.
+// Narrow tiles (kernel_traits.cuh): causal/windowed rows of at most kShortRowKeys keys take them, and
+// as each tile class's flags say, dense rows that short and masked rows longer. At hd128, seqlen 512,
+// the 128-key tiles with two Q buffers ran 459 TFLOP/s against 449 for the 176-key ones with one
+// (H100, RESULTS_cuda.md, session 10). Varlen rows count as long: the launch does not know the
+// longest one.
 constexpr int kShortRowKeys = 1024;
 
 template <class Element, int kDQK, int kDV>
