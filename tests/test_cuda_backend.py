@@ -793,19 +793,25 @@ def test_gpu_varlen(dtype, heads, dims, kwargs, used, pad):
     check_varlen_gpu(dtype, heads, dims, kwargs, used=used, pad=pad)
 
 
-def _many_tiles_cases():
+def _fwd_case(*args, **kwargs):
+    """A forward-only Case (tests/triton_cases.py): the GPU tests below check no gradients."""
     from tests.triton_cases import Case
 
-    def case(*args, **kwargs):
-        return Case(*args, check_grads=False, **kwargs)
+    return Case(*args, check_grads=False, **kwargs)
 
+
+def _many_tiles_cases():
     return [
-        pytest.param(case(2, 2048, 2048, 16, 16, 16, 64, 64, BF16), id="hd64-352-tiles-two-q-buffers"),
-        pytest.param(case(2, 2048, 2048, 16, 4, 4, 128, 128, BF16, causal=True), id="hd128-causal-512-tiles-two-q"),
-        pytest.param(case(2, 2048, 2048, 16, 16, 16, 128, 128, F16), id="hd128-512-tiles-one-q-buffer"),
-        pytest.param(case(2, 1536, 1536, 16, 8, 8, 128, 256, BF16, window=(300, 40)), id="128x256-384-tiles-window"),
+        pytest.param(_fwd_case(2, 2048, 2048, 16, 16, 16, 64, 64, BF16), id="hd64-352-tiles-two-q-buffers"),
+        pytest.param(
+            _fwd_case(2, 2048, 2048, 16, 4, 4, 128, 128, BF16, causal=True), id="hd128-causal-512-tiles-two-q"
+        ),
+        pytest.param(_fwd_case(2, 2048, 2048, 16, 16, 16, 128, 128, F16), id="hd128-512-tiles-one-q-buffer"),
+        pytest.param(
+            _fwd_case(2, 1536, 1536, 16, 8, 8, 128, 256, BF16, window=(300, 40)), id="128x256-384-tiles-window"
+        ),
         # rows of <= 1024 keys take hd128's narrow tiles without a mask too (launch.cuh)
-        pytest.param(case(2, 1000, 1000, 32, 32, 32, 128, 128, F16), id="hd128-short-rows-512-tiles"),
+        pytest.param(_fwd_case(2, 1000, 1000, 32, 32, 32, 128, 128, F16), id="hd128-short-rows-512-tiles"),
     ]
 
 
@@ -824,23 +830,18 @@ def _cluster_cases():
     """hd128 calls around launch.cuh's 2-CTA-cluster path (K/V multicast): rows of more than 1024 keys, an even
     number of query blocks per head, no mask, no varlen and at least 2 x SMs tiles (counts for 132 SMs), and
     whether the cluster kernel should run."""
-    from tests.triton_cases import Case
-
-    def case(*args, **kwargs):
-        return Case(*args, check_grads=False, **kwargs)
-
     return [
-        pytest.param(case(2, 2048, 2048, 16, 4, 4, 128, 128, BF16), True, id="gqa-16-qblocks-512-tiles"),
-        pytest.param(case(8, 768, 1500, 16, 8, 8, 128, 128, BF16), True, id="sq!=sk-partial-key-block"),
+        pytest.param(_fwd_case(2, 2048, 2048, 16, 4, 4, 128, 128, BF16), True, id="gqa-16-qblocks-512-tiles"),
+        pytest.param(_fwd_case(8, 768, 1500, 16, 8, 8, 128, 128, BF16), True, id="sq!=sk-partial-key-block"),
         # 1100 keys = 6 x 176 + 44: rank 1's half of the last key block (rows 88 - 175) lies past the keys
-        pytest.param(case(2, 1280, 1100, 16, 4, 2, 128, 128, F16), True, id="fp16-half-block-past-the-keys"),
+        pytest.param(_fwd_case(2, 1280, 1100, 16, 4, 2, 128, 128, F16), True, id="fp16-half-block-past-the-keys"),
         # 272 tiles: 136 pairs over 66 clusters, so 4 clusters run a third step and the rest two
-        pytest.param(case(1, 2048, 2048, 17, 17, 17, 128, 128, BF16), True, id="just-over-2x-sms-uneven-steps"),
+        pytest.param(_fwd_case(1, 2048, 2048, 17, 17, 17, 128, 128, BF16), True, id="just-over-2x-sms-uneven-steps"),
         # edges that stay on the plain kernel
-        pytest.param(case(1, 2048, 2048, 8, 8, 8, 128, 128, BF16), False, id="plain-128-tiles-under-2x-sms"),
-        pytest.param(case(16, 1152, 1200, 4, 4, 4, 128, 128, BF16), False, id="plain-odd-9-qblocks"),
-        pytest.param(case(32, 512, 512, 16, 16, 16, 128, 128, BF16), False, id="plain-short-rows"),
-        pytest.param(case(2, 2048, 2048, 16, 16, 16, 128, 128, BF16, causal=True), False, id="plain-causal"),
+        pytest.param(_fwd_case(1, 2048, 2048, 8, 8, 8, 128, 128, BF16), False, id="plain-128-tiles-under-2x-sms"),
+        pytest.param(_fwd_case(16, 1152, 1200, 4, 4, 4, 128, 128, BF16), False, id="plain-odd-9-qblocks"),
+        pytest.param(_fwd_case(32, 512, 512, 16, 16, 16, 128, 128, BF16), False, id="plain-short-rows"),
+        pytest.param(_fwd_case(2, 2048, 2048, 16, 16, 16, 128, 128, BF16, causal=True), False, id="plain-causal"),
     ]
 
 
@@ -879,25 +880,24 @@ def _narrow_tile_cases():
     mask always take them; short dense rows except at hd64 (whose narrow tiles have 128 query rows, not 192);
     long masked rows at hd128 only (128-key tiles, not 176). Those of (192, 128) have 128 keys, not 112, and
     those of dv 256 64, not 80."""
-    from tests.triton_cases import Case
-
-    def case(*args, **kwargs):
-        return Case(*args, check_grads=False, **kwargs)
-
     return [
         # 8 query blocks x 16 heads x 4 = 512 tiles: CTAs draw 3 - 4 tiles each from the counter
-        pytest.param(case(4, 1000, 1000, 16, 16, 16, 64, 64, BF16, causal=True), True, id="hd64-causal-short"),
-        pytest.param(case(2, 777, 1024, 16, 8, 4, 32, 64, F16, window=(300, 0)), True, id="32x64-window-short"),
-        pytest.param(case(2, 1000, 1000, 16, 16, 16, 64, 64, BF16), False, id="hd64-dense-short"),
-        pytest.param(case(1, 1100, 1100, 16, 16, 16, 64, 64, BF16, causal=True), False, id="hd64-causal-long"),
+        pytest.param(_fwd_case(4, 1000, 1000, 16, 16, 16, 64, 64, BF16, causal=True), True, id="hd64-causal-short"),
+        pytest.param(_fwd_case(2, 777, 1024, 16, 8, 4, 32, 64, F16, window=(300, 0)), True, id="32x64-window-short"),
+        pytest.param(_fwd_case(2, 1000, 1000, 16, 16, 16, 64, 64, BF16), False, id="hd64-dense-short"),
+        pytest.param(_fwd_case(1, 1100, 1100, 16, 16, 16, 64, 64, BF16, causal=True), False, id="hd64-causal-long"),
         # 1000 keys = 15 x 64 + 40 on the narrow tiles: the last key block is partly past the keys
-        pytest.param(case(2, 1000, 1000, 16, 8, 8, 128, 256, BF16), True, id="128x256-dense-short"),
-        pytest.param(case(2, 600, 1024, 8, 2, 2, 256, 256, F16, causal=True), True, id="hd256-causal-short"),
-        pytest.param(case(1, 1100, 1100, 8, 8, 8, 256, 256, BF16, causal=True), False, id="hd256-causal-long"),
-        pytest.param(case(2, 1000, 1000, 16, 8, 4, 192, 128, F16), True, id="192x128-dense-short"),
-        pytest.param(case(1, 1100, 1100, 16, 16, 16, 192, 128, BF16, causal=True), False, id="192x128-causal-long"),
-        pytest.param(case(2, 1000, 1000, 16, 16, 16, 128, 128, BF16), True, id="hd128-dense-short"),
-        pytest.param(case(1, 1100, 1100, 16, 16, 16, 128, 128, BF16, window=(200, 0)), True, id="hd128-window-long"),
+        pytest.param(_fwd_case(2, 1000, 1000, 16, 8, 8, 128, 256, BF16), True, id="128x256-dense-short"),
+        pytest.param(_fwd_case(2, 600, 1024, 8, 2, 2, 256, 256, F16, causal=True), True, id="hd256-causal-short"),
+        pytest.param(_fwd_case(1, 1100, 1100, 8, 8, 8, 256, 256, BF16, causal=True), False, id="hd256-causal-long"),
+        pytest.param(_fwd_case(2, 1000, 1000, 16, 8, 4, 192, 128, F16), True, id="192x128-dense-short"),
+        pytest.param(
+            _fwd_case(1, 1100, 1100, 16, 16, 16, 192, 128, BF16, causal=True), False, id="192x128-causal-long"
+        ),
+        pytest.param(_fwd_case(2, 1000, 1000, 16, 16, 16, 128, 128, BF16), True, id="hd128-dense-short"),
+        pytest.param(
+            _fwd_case(1, 1100, 1100, 16, 16, 16, 128, 128, BF16, window=(200, 0)), True, id="hd128-window-long"
+        ),
     ]
 
 
