@@ -3,7 +3,7 @@
 Run as `PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python
 benchmarks/sanitize_cuda_fwd.py` (each tensor its own allocation, so an out-of-bounds access
 is not hidden inside a cached block). Dense and varlen (with padding rows and an empty
-sequence), causal, window, softcap, GQA with hk != hv, padded head dims, seqlen 1, hd128's clusters.
+sequence), causal, window, softcap, GQA with hk != hv, padded head dims, seqlen 1, hd128's clusters, a late start.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ def main() -> None:
     # hd128's 2-CTA clusters (K/V multicast; launch.cuh): rows of > 1024 keys, an even number of query
     # blocks a head and >= 2 tiles per SM; 1100 keys leave rank 1's half of the last key block past the keys
     dense(2, 1280, 1100, 17, 17, 17, 128, 128)
+    # more tiles than SMs on a static schedule, not a multiple of them: the CTAs with one tile fewer start late
+    dense(3, 512, 512, 16, 16, 16, 128, 128)
     torch.cuda.synchronize()
     print("sanitize_cuda_fwd: done")
 

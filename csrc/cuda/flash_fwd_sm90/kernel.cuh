@@ -40,7 +40,19 @@ struct KernelParams {
   // Divisors fixed for the launch (tile_scheduler.cuh says why they are precomputed): query blocks per
   // head, query heads, and query heads per K head and per V head.
   cutlass::FastDivmod m_blocks, heads_q, q_per_k, q_per_v;
+  // How long the CTAs with one tile fewer than the rest wait before their first (launch.cuh says why); 0: none.
+  int late_start_ns;
 };
+
+// Returns after at least `ns` nanoseconds (of the global timer), sleeping in between.
+__device__ inline void sleep_ns(int ns) {
+  uint64_t start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    __nanosleep(1000);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < uint64_t(ns));
+}
 
 // Stores the LSE of this thread's rows (one thread of each quad; rows past the sequence skipped).
 template <class Traits>
@@ -218,6 +230,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
     constexpr uint16_t kKVMask = kCluster ? (1 << Traits::kClusterM) - 1 : 0;
     SlotCounter<Traits::kQStages> q_slot;
     RingPos ring;
+    // Static schedules only (the launch sets no delay with a tile counter). In a cluster both CTAs of a pair
+    // wait or neither: the grid and the tile count are even, so the remainder is too.
+    if (kp.late_start_ns > 0 && int(blockIdx.x) >= scheduler.num_tiles() % int(gridDim.x)) sleep_ns(kp.late_start_ns);
     // The next tile is drawn after this one's loads are issued: the producer then waits for free
     // K/V stages anyway, and the index is not live through the load loop (the producer thread runs
     // on 24 - 32 registers; kernel_traits.cuh).

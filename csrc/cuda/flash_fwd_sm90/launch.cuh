@@ -33,7 +33,7 @@ constexpr int kMaxDevices = 64;  // devices whose per-instantiation launch setup
 
 // The kernel's parameters: the TMA descriptors (K and V multicast ones for clusters) and the divisors.
 template <class Traits>
-sm90::KernelParams<Traits> kernel_params(const FwdParams& p) {
+sm90::KernelParams<Traits> kernel_params(const FwdParams& p, int late_start_ns) {
   using namespace cute;
   using Element = typename Traits::Element;
   constexpr int kDQK = Traits::kDQK, kDV = Traits::kDV;
@@ -59,6 +59,7 @@ sm90::KernelParams<Traits> kernel_params(const FwdParams& p) {
       cutlass::FastDivmod(std::max(1, p.heads_q)),
       cutlass::FastDivmod(std::max(1, p.heads_q / p.heads_k)),
       cutlass::FastDivmod(std::max(1, p.heads_q / p.heads_v)),
+      late_start_ns,
   };
   // Only the calls that store O through shared memory (kernel.cuh) encode the store's descriptor.
   if (Traits::kSmemEpilogue && !varlen) {
@@ -67,6 +68,25 @@ sm90::KernelParams<Traits> kernel_params(const FwdParams& p) {
     kp.tma_o = make_tma_copy(SM90_TMA_STORE{}, mO, take<0, 2>(typename Traits::SmemLayoutO{}), Shape<_64, Int<kDV>>{}, _1{});
   }
   return kp;
+}
+
+// Tiles of equal cost on a static schedule (no tile counter) keep every CTA in step: all of them load
+// their next tile's Q and first K/V blocks (from DRAM at short rows) and store its O at the same
+// moment, tile after tile. Where the tiles do not divide evenly over the grid, the CTAs with one tile
+// fewer have a tile's time to spare, so they start a third of a tile late and the two groups' tile
+// boundaries stop coinciding. H100, seqlen 512, batch 32, ours / cuDNN by the delay (3 rounds each,
+// RESULTS_cuda.md session 16): hd128 (15.5 waves, tiles ~8.8 us) 0.975 - 0.979 without, 1.005 / 1.014 /
+// 1.000 / 0.992 at 2 / 3.5 / 5 / 7 us; hd256 (7.8 waves, ~17.7 us) 0.997 - 1.005 without, 1.003 / 1.007 /
+// 1.027 / 1.024; hd64 (23.3 waves, ~6.6 us) 1.015 - 1.021 without, 1.035 / 1.028 / 1.023 / 1.008.
+// A tile's time is estimated from its FLOPs at 3800 per ns per SM (~500 TFLOP/s on 132 SMs, the H100's
+// seqlen-512 rate); a third of it sits in the range that won for all three.
+template <class Traits>
+int late_start_ns(const FwdParams& p, int num_tiles, int grid) {
+  if (p.tile_counter != nullptr || grid == 0 || num_tiles % grid == 0) return 0;
+  int64_t const keys = int64_t(p.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN * Traits::kBlockN;
+  int64_t const tile_flops = 2 * int64_t(Traits::kBlockM) * keys * (Traits::kDQK + Traits::kDV);
+  constexpr int64_t kFlopsPerNsPerSm = 3800;
+  return int(std::min<int64_t>(tile_flops / kFlopsPerNsPerSm / 3, 1 << 30));
 }
 
 // The kernel's shared-memory attribute, set on an instantiation's first launch on a device only (it
@@ -141,14 +161,16 @@ bool launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
     if (ctas == 0) return false;
     config.gridDim = dim3(ctas);
     // An error (as of a <<<>>> launch) stays the last one, which the binding checks after the launcher.
-    cudaLaunchKernelEx(&config, kernel, sm90_detail::kernel_params<Traits>(p));
+    cudaLaunchKernelEx(&config, kernel, sm90_detail::kernel_params<Traits>(p, sm90_detail::late_start_ns<Traits>(p, num_tiles, ctas)));
   } else {
     if (varlen && p.rows_q > 0) {  // independent of the main kernel (disjoint rows), so launched first
       sm90::fill_padding_rows<typename Traits::Element><<<std::min((p.rows_q + 3) / 4, 4 * num_sms), 128, 0, stream>>>(p);
     }
     if (num_tiles == 0) return true;
     sm90_detail::set_smem_attribute_once<Traits>(device);
-    kernel<<<std::min(num_tiles, num_sms), Traits::kNumThreads, kSmemBytes, stream>>>(sm90_detail::kernel_params<Traits>(p));
+    int const grid = std::min(num_tiles, num_sms);
+    kernel<<<grid, Traits::kNumThreads, kSmemBytes, stream>>>(
+        sm90_detail::kernel_params<Traits>(p, sm90_detail::late_start_ns<Traits>(p, num_tiles, grid)));
   }
   return true;
 }
