@@ -230,9 +230,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
     constexpr uint16_t kKVMask = kCluster ? (1 << Traits::kClusterM) - 1 : 0;
     SlotCounter<Traits::kQStages> q_slot;
     RingPos ring;
-    // Static schedules only (the launch sets no delay with a tile counter). In a cluster both CTAs of a pair
-    // wait or neither: the grid and the tile count are even, so the remainder is too.
-    if (kp.late_start_ns > 0 && int(blockIdx.x) >= scheduler.num_tiles() % int(gridDim.x)) sleep_ns(kp.late_start_ns);
+    // Static schedules of short dense rows only (launch.cuh sets no delay otherwise).
+    if constexpr (Traits::kRunsShortDenseRows) {
+      if (kp.late_start_ns > 0 && int(blockIdx.x) >= scheduler.num_tiles() % int(gridDim.x)) sleep_ns(kp.late_start_ns);
+    }
     // The next tile is drawn after this one's loads are issued: the producer then waits for free
     // K/V stages anyway, and the index is not live through the load loop (the producer thread runs
     // on 24 - 32 registers; kernel_traits.cuh).

@@ -82,6 +82,12 @@ struct FwdTraits {
   static constexpr int kNumMmaWarpGroups = kBlockM / 64;
   static constexpr int kNumMmaThreads = 128 * kNumMmaWarpGroups;
   static constexpr int kNumThreads = kNumMmaThreads + 128;
+  // Whether launch.cuh runs short dense rows (<= 1024 keys, no mask) on this kernel: those are the calls
+  // that start some CTAs late (launch.cuh, late_start_ns), so only these kernels carry the delay's code.
+  // In (192, 128)'s plain kernel, which runs long rows, that code reordered the consumers' softmax
+  // instructions and cost 3 - 5 % at 2k - 8k with no CTA waiting (H100, RESULTS_cuda.md session 16).
+  static constexpr bool kRunsShortDenseRows =
+      kClusterM == 1 && (!kNarrowHasOwnTiles<kDQK, kDV> || kNarrow_ == Config::kNarrowForShortDenseRows);
   // setmaxnreg budgets, which must sum to no more than the CTA was launched with (168 x 384 = 64512
   // for two consumer warpgroups, 128 x 512 = 65536 for three), or the consumers' increase deadlocks.
   // Two: the producer thread needs 32 for the tile ring (at 24 its per-tile setup spilled 48 - 232

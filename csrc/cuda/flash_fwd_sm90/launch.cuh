@@ -79,10 +79,17 @@ sm90::KernelParams<Traits> kernel_params(const FwdParams& p, int late_start_ns) 
 // 1.000 / 0.992 at 2 / 3.5 / 5 / 7 us; hd256 (7.8 waves, ~17.7 us) 0.997 - 1.005 without, 1.003 / 1.007 /
 // 1.027 / 1.024; hd64 (23.3 waves, ~6.6 us) 1.015 - 1.021 without, 1.035 / 1.028 / 1.023 / 1.008.
 // A tile's time is estimated from its FLOPs at 3800 per ns per SM (~500 TFLOP/s on 132 SMs, the H100's
-// seqlen-512 rate); a third of it sits in the range that won for all three.
+// seqlen-512 rate); a third of it sits in the range that won for all three. Only dense rows of at most
+// kLateStartKeys keys start late, on the kernels that run them (FwdTraits::kRunsShortDenseRows): at 16k,
+// hd128 and hd256 late moved within noise.
+constexpr int kLateStartKeys = 1024;
+
 template <class Traits>
 int late_start_ns(const FwdParams& p, int num_tiles, int grid) {
-  if (p.tile_counter != nullptr || grid == 0 || num_tiles % grid == 0) return 0;
+  if (!Traits::kRunsShortDenseRows || p.tile_counter != nullptr || p.seqlen_k > kLateStartKeys || grid == 0 ||
+      num_tiles % grid == 0) {
+    return 0;
+  }
   int64_t const keys = int64_t(p.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN * Traits::kBlockN;
   int64_t const tile_flops = 2 * int64_t(Traits::kBlockM) * keys * (Traits::kDQK + Traits::kDV);
   constexpr int64_t kFlopsPerNsPerSm = 3800;
