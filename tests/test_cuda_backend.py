@@ -820,8 +820,8 @@ def _many_tiles_cases():
 @pytest.mark.parametrize("case", _many_tiles_cases())
 def test_gpu_many_tiles_per_cta(case):
     """More tiles than 2 x 132 SMs, so persistent CTAs run 3 or more tiles: the tile ring's and the Q
-    buffers' slots are reused and their barrier phases flip (the grid above mostly has <= 132 tiles). None of the
-    static schedules here divides evenly over 132 SMs, so their CTAs with one tile fewer start late (launch.cuh)."""
+    buffers' slots are reused and their barrier phases flip (the grid above mostly has <= 132 tiles). The short-row
+    case's 512 tiles do not divide over 132 SMs, so its CTAs with one tile fewer start late (launch.cuh)."""
     from tests.triton_cases import check_case
 
     check_case(case, "cuda", expect_backend="cuda")

@@ -40,7 +40,7 @@ struct KernelParams {
   // Divisors fixed for the launch (tile_scheduler.cuh says why they are precomputed): query blocks per
   // head, query heads, and query heads per K head and per V head.
   cutlass::FastDivmod m_blocks, heads_q, q_per_k, q_per_v;
-  // How long the CTAs with one tile fewer than the rest wait before their first (launch.cuh says why); 0: none.
+  // How long the CTAs with one tile fewer than the rest wait before their first load (launch.cuh says why); 0: none.
   int late_start_ns;
 };
 

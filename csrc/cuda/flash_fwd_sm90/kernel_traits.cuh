@@ -84,8 +84,9 @@ struct FwdTraits {
   static constexpr int kNumThreads = kNumMmaThreads + 128;
   // Whether launch.cuh runs short dense rows (<= 1024 keys, no mask) on this kernel: those are the calls
   // that start some CTAs late (launch.cuh, late_start_ns), so only these kernels carry the delay's code.
-  // In (192, 128)'s plain kernel, which runs long rows, that code reordered the consumers' softmax
-  // instructions and cost 3 - 5 % at 2k - 8k with no CTA waiting (H100, RESULTS_cuda.md session 16).
+  // In (192, 128)'s plain kernel, which runs only long rows, that code reordered the consumers' softmax
+  // instructions and cost 2.5 % at 2k and 5 - 7 % at 8k with no CTA waiting (H100, RESULTS_cuda.md
+  // session 16). Kernels with one tile shape for all rows (hd64's plain tiles among them) carry it too.
   static constexpr bool kRunsShortDenseRows =
       kClusterM == 1 && (!kNarrowHasOwnTiles<kDQK, kDV> || kNarrow_ == Config::kNarrowForShortDenseRows);
   // setmaxnreg budgets, which must sum to no more than the CTA was launched with (168 x 384 = 64512

@@ -18,6 +18,13 @@
 
 namespace flexattn {
 
+// Narrow tiles (kernel_traits.cuh): causal/windowed rows of at most kShortRowKeys keys take them, and
+// as each tile class's flags say, dense rows that short and masked rows longer. At hd128, seqlen 512,
+// the 128-key tiles with two Q buffers ran 459 TFLOP/s against 449 for the 176-key ones with one
+// (H100, RESULTS_cuda.md, session 10). Varlen rows count as long: the launch does not know the
+// longest one. Short dense rows on an uneven grid also start some CTAs late (late_start_ns).
+constexpr int kShortRowKeys = 1024;
+
 namespace sm90_detail {
 
 // (rows, dim, heads, batch), dim contiguous: the global tensors as the TMA descriptors see them.
@@ -80,13 +87,12 @@ sm90::KernelParams<Traits> kernel_params(const FwdParams& p, int late_start_ns) 
 // 1.027 / 1.024; hd64 (23.3 waves, ~6.6 us) 1.015 - 1.021 without, 1.035 / 1.028 / 1.023 / 1.008.
 // A tile's time is estimated from its FLOPs at 3800 per ns per SM (~500 TFLOP/s on 132 SMs, the H100's
 // seqlen-512 rate); a third of it sits in the range that won for all three. Only dense rows of at most
-// kLateStartKeys keys start late, on the kernels that run them (FwdTraits::kRunsShortDenseRows): at 16k,
+// kShortRowKeys keys start late, on the kernels that run them (FwdTraits::kRunsShortDenseRows): at 16k,
 // hd128 and hd256 late moved within noise.
-constexpr int kLateStartKeys = 1024;
 
 template <class Traits>
 int late_start_ns(const FwdParams& p, int num_tiles, int grid) {
-  if (!Traits::kRunsShortDenseRows || p.tile_counter != nullptr || p.seqlen_k > kLateStartKeys || grid == 0 ||
+  if (!Traits::kRunsShortDenseRows || p.tile_counter != nullptr || p.seqlen_k > kShortRowKeys || grid == 0 ||
       num_tiles % grid == 0) {
     return 0;
   }
@@ -181,13 +187,6 @@ bool launch_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   }
   return true;
 }
-
-// Narrow tiles (kernel_traits.cuh): causal/windowed rows of at most kShortRowKeys keys take them, and
-// as each tile class's flags say, dense rows that short and masked rows longer. At hd128, seqlen 512,
-// the 128-key tiles with two Q buffers ran 459 TFLOP/s against 449 for the 176-key ones with one
-// (H100, RESULTS_cuda.md, session 10). Varlen rows count as long: the launch does not know the
-// longest one.
-constexpr int kShortRowKeys = 1024;
 
 template <class Element, int kDQK, int kDV>
 void run_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
