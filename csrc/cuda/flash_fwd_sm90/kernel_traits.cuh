@@ -61,6 +61,11 @@ struct TileConfig {
   // rows (hd128).
   static constexpr bool kNarrowForShortDenseRows = !kHd64;
   static constexpr bool kNarrowForLongMaskedRows = kDQK == 128 && kDV == 128;
+  // Whether a call takes the narrow tiles: rows of at most kShortRowKeys keys (launch.cuh) or longer,
+  // causal/windowed or not. The one statement of the rule, for launch.cuh and FwdTraits.
+  static constexpr bool takes_narrow(bool short_rows, bool masked) {
+    return short_rows ? masked || kNarrowForShortDenseRows : masked && kNarrowForLongMaskedRows;
+  }
 };
 
 // Whether narrow-tile calls need their own instantiation.
@@ -88,7 +93,7 @@ struct FwdTraits {
   // instructions and cost 2.5 % at 2k and 5 - 7 % at 8k with no CTA waiting (H100, RESULTS_cuda.md
   // session 16). Kernels with one tile shape for all rows (hd64's plain tiles among them) carry it too.
   static constexpr bool kRunsShortDenseRows =
-      kClusterM == 1 && (!kNarrowHasOwnTiles<kDQK, kDV> || kNarrow_ == Config::kNarrowForShortDenseRows);
+      kClusterM == 1 && (!kNarrowHasOwnTiles<kDQK, kDV> || kNarrow_ == Config::takes_narrow(true, false));
   // setmaxnreg budgets, which must sum to no more than the CTA was launched with (168 x 384 = 64512
   // for two consumer warpgroups, 128 x 512 = 65536 for three), or the consumers' increase deadlocks.
   // Two: the producer thread needs 32 for the tile ring (at 24 its per-tile setup spilled 48 - 232

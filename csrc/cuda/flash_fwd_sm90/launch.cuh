@@ -209,8 +209,7 @@ void run_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
     }
   }
   if constexpr (sm90::kNarrowHasOwnTiles<kDQK, kDV>) {
-    using Config = sm90::TileConfig<kDQK, kDV, true>;
-    if (short_rows ? local || Config::kNarrowForShortDenseRows : local && Config::kNarrowForLongMaskedRows) {
+    if (sm90::TileConfig<kDQK, kDV, true>::takes_narrow(short_rows, local)) {
       launch_fwd_sm90<sm90::FwdTraits<Element, kDQK, kDV, true>>(p, stream);
       return;
     }
